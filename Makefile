@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Both create .venv when missing. Without CUDA we install the CPU build of torch first
+# (a bare `torch` would pull several GB of CUDA wheels).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_CPU := torch==2.13.0
+DEMO_DIR := out/demo
+
+.PHONY: demo test test-fast venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q $(TORCH_CPU); fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: venv
+	$(PY) tools/make_demo_data.py --output $(DEMO_DIR)/demo.jsonl
+	$(PY) tools/build_dataset.py --input $(DEMO_DIR)/demo.jsonl --tokenizer byte \
+	    --output $(DEMO_DIR)/data --max-unit-tokens 1024 --pack-tokens 2048
+	$(PY) tools/dataset_stats.py $(DEMO_DIR)/data
+
+test: venv
+	$(PY) -m pytest -q -x -p no:cacheprovider
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not dist and not slow"
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,1 @@
+"""Shared-prefix core attention: per-batch metadata and backends (dense, flex, varlen)."""

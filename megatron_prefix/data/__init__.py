@@ -1,0 +1,1 @@
+"""Data pipeline: readers -> tokenization into units -> packing -> on-disk dataset."""

@@ -1,0 +1,83 @@
+"""What a reader yields: one preference record, before tokenization.
+
+A record is one prompt with K >= 2 responses and a preference among them. The prompt is either raw
+text (TRL's "standard" format, tokenized as is) or a list of chat messages (TRL's "conversational"
+format, rendered with the tokenizer's chat template). Each response is the text of one assistant turn.
+
+Preferences are carried as ``scores``: higher is better, ties allowed. Rank data (rank 0 = best) is
+stored as ``score = -rank`` so that both kinds sort the same way.
+
+Every record remembers where it came from (``source`` file and 1-based ``line``; for a JSON array the
+line is the element index + 1) so that every skip and every error can name it.
+
+Pure Python: no torch, no megatron.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat turn."""
+
+    role: str
+    content: str
+
+
+Prompt = Union[str, tuple[Message, ...]]
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """One prompt, K >= 2 responses, and their scores (higher is better)."""
+
+    prompt: Prompt
+    responses: tuple[str, ...]
+    scores: tuple[float, ...]
+    source: str = ""
+    line: int = 0
+
+    @property
+    def is_chat(self) -> bool:
+        """True when the prompt is a message list (rendered with a chat template)."""
+        return not isinstance(self.prompt, str)
+
+    @property
+    def k(self) -> int:
+        """Number of responses."""
+        return len(self.responses)
+
+    def where(self) -> str:
+        """``file:line`` for messages."""
+        return f"{self.source}:{self.line}"
+
+
+class SkipRecord(Exception):
+    """Raised by readers and the tokenizer stage for a record that is counted and skipped.
+
+    ``reason`` is a short stable key (``malformed_json``, ``missing_field``, ``prompt_mismatch``, ...)
+    used as the key in ``stats.json`` and ``skipped.jsonl``; ``detail`` is free text for humans.
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A record that was counted and skipped: where it was and why (one line of ``skipped.jsonl``)."""
+
+    source: str
+    line: int
+    reason: str
+    detail: str = ""
+
+    def to_json(self) -> dict:
+        return {"file": self.source, "line": self.line, "reason": self.reason, "detail": self.detail}

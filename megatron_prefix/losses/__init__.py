@@ -1,0 +1,1 @@
+"""Preference losses (pure torch functions, one registry)."""

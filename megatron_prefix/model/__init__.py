@@ -1,0 +1,1 @@
+"""Megatron-core GPT models with shared-prefix attention, positions and log-probs."""

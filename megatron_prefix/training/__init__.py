@@ -1,0 +1,1 @@
+"""Training: runner, reference log-probs, checkpoints, metrics."""
