@@ -1,0 +1,202 @@
+"""Mask logic of shared-prefix attention, built from per-token doc/segment ids.
+
+The rule (``megatron_prefix.data.row``): query q may attend key k iff ``doc[q] == doc[k] != -1``,
+``k <= q`` and ``seg[k] in (0, seg[q])``; a padding query attends to itself only (its output is unused).
+
+Three derived forms, one per backend, all in *global* row positions (before context parallelism):
+
+- ``build_dense_mask``: boolean ``[b, 1, Tq, T]`` for SDPA (``Tq`` = the queries this rank holds);
+- ``make_mask_mod``: a ``flex_attention`` ``mask_mod`` reading the same ids (used by ``create_block_mask``);
+- ``build_varlen_plan``: gather indices and cumulative lengths for a varlen kernel, with no dense mask:
+  every maximal run of this rank's queries inside one segment becomes one query sequence whose key
+  sequence is ``[prompt of its doc; its own segment up to the run's end]`` (bottom-right causal);
+  padding queries are not attended at all (their output is their own value row, which is exactly what
+  self-only attention gives).
+
+Imports torch only (no megatron, no torch.distributed), so it is usable from any layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PAD_DOC = -1
+
+
+def allowed(
+    q_doc: torch.Tensor,
+    q_seg: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_doc: torch.Tensor,
+    k_seg: torch.Tensor,
+    k_pos: torch.Tensor,
+) -> torch.Tensor:
+    """Elementwise (broadcasting) attention rule; True where query may attend key."""
+    same = (q_doc == k_doc) & (q_doc != PAD_DOC) & (k_pos <= q_pos) & ((k_seg == 0) | (k_seg == q_seg))
+    return same | ((q_doc == PAD_DOC) & (q_pos == k_pos))
+
+
+def build_dense_mask(
+    doc_ids_bt: torch.Tensor, segment_ids_bt: torch.Tensor, q_positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Boolean mask ``[b, 1, Tq, T]`` (True = attend) for the queries at global ``q_positions`` ([Tq]).
+
+    ``q_positions`` defaults to ``arange(T)`` (no context parallelism).
+    """
+    _b, t = doc_ids_bt.shape
+    k_pos = torch.arange(t, device=doc_ids_bt.device)
+    q_pos = k_pos if q_positions is None else q_positions.to(doc_ids_bt.device, torch.long)
+    q_doc = doc_ids_bt[:, q_pos][:, :, None]
+    q_seg = segment_ids_bt[:, q_pos][:, :, None]
+    mask = allowed(
+        q_doc,
+        q_seg,
+        q_pos[None, :, None],
+        doc_ids_bt[:, None, :],
+        segment_ids_bt[:, None, :],
+        k_pos[None, None, :],
+    )
+    return mask[:, None]
+
+
+def make_mask_mod(
+    doc_ids_bt: torch.Tensor, segment_ids_bt: torch.Tensor, q_positions: torch.Tensor | None = None
+):
+    """A flex ``mask_mod(b, h, q_idx, kv_idx)``; ``q_idx`` is local, mapped to global by ``q_positions``."""
+    doc = doc_ids_bt.to(torch.int32)
+    seg = segment_ids_bt.to(torch.int32)
+    qmap = None if q_positions is None else q_positions.to(doc.device, torch.long)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_pos = q_idx if qmap is None else qmap[q_idx]
+        return allowed(doc[b, q_pos], seg[b, q_pos], q_pos, doc[b, kv_idx], seg[b, kv_idx], kv_idx)
+
+    return mask_mod
+
+
+# ---------------------------------------------------------------------------------------------- varlen
+
+
+@dataclass
+class VarlenPlan:
+    """Indices for one micro-batch of varlen attention (queries local ``[b*Tq]``, keys global ``[b*T]``).
+
+    ``q_index``/``kv_index`` gather rows of the flattened ``[b*Tq, h, d]`` queries and ``[b*T, h, d]``
+    keys/values into the packed sequences described by ``cu_seqlens_q``/``cu_seqlens_k``;
+    ``pad_q_index``/``pad_kv_index`` are padding queries and their own key rows. ``inverse`` maps the
+    concatenation ``[attended outputs; padding outputs]`` back to the ``[b*Tq]`` layout.
+    """
+
+    q_index: torch.Tensor  # [Nq] int64
+    kv_index: torch.Tensor  # [Nk] int64
+    cu_seqlens_q: torch.Tensor  # [S+1] int32
+    cu_seqlens_k: torch.Tensor  # [S+1] int32
+    max_seqlen_q: int
+    max_seqlen_k: int
+    pad_q_index: torch.Tensor  # [Np] int64
+    pad_kv_index: torch.Tensor  # [Np] int64
+    inverse: torch.Tensor  # [b*Tq] int64
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.cu_seqlens_q.numel() - 1)
+
+    def pairs(self) -> int:
+        """Query-key pairs the kernel computes: sum over sequences of bottom-right causal pairs."""
+        m = np.diff(self.cu_seqlens_q.cpu().numpy()).astype(np.int64)
+        n = np.diff(self.cu_seqlens_k.cpu().numpy()).astype(np.int64)
+        return int(np.sum(m * (n - m) + m * (m + 1) // 2))
+
+    def to(self, device: torch.device | str) -> VarlenPlan:
+        move = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return VarlenPlan(**move)
+
+
+def _run_starts(doc: np.ndarray, seg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per position: start of its (doc, segment) run, start of its doc, end of its doc's prompt."""
+    t = len(doc)
+    idx = np.arange(t)
+    seg_change = np.r_[True, (doc[1:] != doc[:-1]) | (seg[1:] != seg[:-1])]
+    doc_change = np.r_[True, doc[1:] != doc[:-1]]
+    run_start = np.maximum.accumulate(np.where(seg_change, idx, 0))
+    doc_start = np.maximum.accumulate(np.where(doc_change, idx, 0))
+    # prompt end = end of the run starting at doc_start (the prompt is each doc's first segment)
+    run_end = np.empty(t, dtype=np.int64)
+    ends = np.r_[np.nonzero(seg_change)[0][1:], t]
+    run_end[np.nonzero(seg_change)[0]] = ends
+    prompt_end = run_end[doc_start]
+    return run_start, doc_start, prompt_end
+
+
+def useful_pairs_np(doc_ids_bt: np.ndarray, segment_ids_bt: np.ndarray) -> int:
+    """Allowed (query, key) pairs over real (non-pad) queries: the only FLOPs attention needs."""
+    total = 0
+    for doc, seg in zip(np.asarray(doc_ids_bt), np.asarray(segment_ids_bt)):
+        run_start, doc_start, prompt_end = _run_starts(doc, seg)
+        real = doc != PAD_DOC
+        idx = np.arange(len(doc))
+        own = idx - run_start + 1
+        prompt = np.where(seg > 0, prompt_end - doc_start, 0)
+        total += int(np.sum((own + prompt)[real]))
+    return total
+
+
+def build_varlen_plan(
+    doc_ids_bt: np.ndarray, segment_ids_bt: np.ndarray, q_positions: np.ndarray | None = None
+) -> VarlenPlan:
+    """Gather indices / cu_seqlens for the queries at global ``q_positions`` (default: all). See module doc."""
+    doc_ids_bt, segment_ids_bt = np.asarray(doc_ids_bt), np.asarray(segment_ids_bt)
+    b, t = doc_ids_bt.shape
+    q_pos = np.arange(t) if q_positions is None else np.asarray(q_positions, dtype=np.int64)
+    tq = len(q_pos)
+    q_idx, kv_idx, pad_q, pad_kv = [], [], [], []
+    lens_q, lens_k = [], []
+    for r in range(b):
+        doc, seg = doc_ids_bt[r], segment_ids_bt[r]
+        run_start, doc_start, prompt_end = _run_starts(doc, seg)
+        d, s = doc[q_pos], seg[q_pos]
+        # local runs: consecutive global positions inside one (doc, segment) run
+        brk = np.r_[True, (np.diff(q_pos) != 1) | (d[1:] != d[:-1]) | (s[1:] != s[:-1])]
+        starts = np.nonzero(brk)[0]
+        stops = np.r_[starts[1:], tq]
+        for a, z in zip(starts.tolist(), stops.tolist()):
+            first, last = int(q_pos[a]), int(q_pos[z - 1])  # global span [first, last]
+            local = np.arange(a, z) + r * tq
+            if d[a] == PAD_DOC:
+                pad_q.append(local)
+                pad_kv.append(q_pos[a:z] + r * t)
+                continue
+            keys = [np.arange(run_start[first], last + 1)]
+            if s[a] > 0:
+                keys.insert(0, np.arange(doc_start[first], prompt_end[first]))
+            keys = np.concatenate(keys) + r * t
+            q_idx.append(local)
+            kv_idx.append(keys)
+            lens_q.append(z - a)
+            lens_k.append(len(keys))
+
+    def cat(parts: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64))
+
+    def cu(lens: list[int]) -> torch.Tensor:
+        return torch.from_numpy(np.r_[0, np.cumsum(lens, dtype=np.int64)].astype(np.int32))
+
+    q_index, pad_q_index = cat(q_idx), cat(pad_q)
+    order = torch.cat([q_index, pad_q_index])
+    inverse = torch.empty(b * tq, dtype=torch.int64)
+    inverse[order] = torch.arange(order.numel())
+    assert order.numel() == b * tq, "every query slot must be covered exactly once"
+    return VarlenPlan(
+        q_index=q_index,
+        kv_index=cat(kv_idx),
+        cu_seqlens_q=cu(lens_q),
+        cu_seqlens_k=cu(lens_k),
+        max_seqlen_q=max(lens_q, default=0),
+        max_seqlen_k=max(lens_k, default=0),
+        pad_q_index=pad_q_index,
+        pad_kv_index=cat(pad_kv),
+        inverse=inverse,
+    )
