@@ -1,0 +1,185 @@
+"""Offline dataset builder: preference files -> units on disk, with statistics and a skip log.
+
+Stream: ``readers.open_records`` yields records (or counted skips) in file order; chunks of records are
+tokenized into units (``units.UnitBuilder``) in worker processes when ``workers > 1``, with results
+consumed in input order, so the output is byte-identical for the same input whatever the worker count;
+units are appended to the store as they come (memory stays flat in the input size). Every skipped record
+lands in ``skipped.jsonl`` with file, line and reason, and in ``stats.json`` by reason.
+
+Pure Python + numpy: no torch, no megatron.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import multiprocessing as mp
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from megatron_prefix.config import require
+from megatron_prefix.data.packing import fill_ratio, pack_bins
+from megatron_prefix.data.readers import open_records, parse_field_map
+from megatron_prefix.data.records import PreferenceRecord, Skipped, SkipRecord
+from megatron_prefix.data.stats import StatsAccumulator
+from megatron_prefix.data.storage import UnitWriter, write_json
+from megatron_prefix.data.tokenizers import load_tokenizer
+from megatron_prefix.data.units import UnitBuilder, UnitConfig
+
+CHUNK_RECORDS = 256
+
+
+@dataclass
+class BuildConfig:
+    """Options of ``tools/build_dataset.py`` (recorded in ``meta.json``)."""
+
+    inputs: list[str]
+    tokenizer: str
+    output: str
+    format: str = "auto"
+    field_map: str | None = None
+    units: UnitConfig = field(default_factory=UnitConfig)
+    pack_tokens: int = 8192
+    workers: int = 1
+
+    def validate(self) -> None:
+        require(len(self.inputs) > 0, "input", "give at least one input file")
+        for p in self.inputs:
+            require(Path(p).is_file(), "input", f"file {p} does not exist")
+        require(self.pack_tokens > 0, "pack_tokens", f"must be positive, got {self.pack_tokens}")
+        require(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        self.units.validate()
+        require(
+            self.units.max_unit_tokens <= self.pack_tokens,
+            "max_unit_tokens",
+            f"{self.units.max_unit_tokens} exceeds pack_tokens {self.pack_tokens}: a unit must fit in one row",
+        )
+
+
+# ---- worker side -------------------------------------------------------------------------------------
+
+_WORKER: UnitBuilder | None = None
+
+
+def _init_worker(tokenizer_spec: str, unit_cfg: UnitConfig) -> None:
+    global _WORKER
+    _WORKER = UnitBuilder(load_tokenizer(tokenizer_spec), unit_cfg)
+
+
+def _tokenize_chunk(records: list[PreferenceRecord]) -> tuple[list, dict]:
+    """Units or a skip for each record, plus this chunk's truncation counts."""
+    assert _WORKER is not None
+    before = dict(_WORKER.truncated)
+    out: list = []
+    for rec in records:
+        try:
+            out.append(_WORKER.build(rec))
+        except SkipRecord as skip:
+            out.append(Skipped(rec.source, rec.line, skip.reason, skip.detail))
+    delta = {k: v - before.get(k, 0) for k, v in _WORKER.truncated.items() if v - before.get(k, 0)}
+    return out, delta
+
+
+# ---- driver ------------------------------------------------------------------------------------------
+
+
+def _chunks(items: Iterable, n: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
+def _packed_fill(lengths: np.ndarray, capacity: int) -> tuple[float, int]:
+    bins = pack_bins(lengths.tolist(), capacity, algorithm="bfd")
+    return fill_ratio(bins, lengths.tolist(), capacity), len(bins)
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_dataset(cfg: BuildConfig, log: Callable[[str], None] = print) -> dict:
+    """Build the dataset described by ``cfg``; returns the ``stats.json`` dict."""
+    cfg.validate()
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    field_map = parse_field_map(cfg.field_map) if cfg.field_map else None
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = UnitWriter(out)
+    stats = StatsAccumulator()
+    skipped_tmp = out / "skipped.jsonl.tmp"
+
+    # Reader skips pass straight through; records are tokenized in chunks (in workers when asked).
+    ordinals = itertools.count()
+    stream = open_records(cfg.inputs, cfg.format, field_map, log=log)
+    progress = tqdm(desc="records", unit="rec", disable=None, mininterval=1.0)
+
+    def record_chunks() -> Iterator[list]:
+        yield from _chunks(stream, CHUNK_RECORDS)
+
+    with open(skipped_tmp, "w") as skipped_fh:
+
+        def skip(s: Skipped) -> None:
+            stats.skipped[s.reason] += 1
+            skipped_fh.write(json.dumps(s.to_json(), sort_keys=True) + "\n")
+
+        def consume(chunk: list, results: list, truncated: dict) -> None:
+            for item, result in zip((x for x in chunk if isinstance(x, PreferenceRecord)), results):
+                ordinal = next(ordinals)
+                if isinstance(result, Skipped):
+                    skip(result)
+                    continue
+                for unit in result:
+                    writer.add(unit, ordinal)
+                    stats.add_unit(unit)
+            for k, v in truncated.items():
+                stats.truncated[k] += v
+
+        def handle(chunk: list, mapped: tuple[list, dict]) -> None:
+            stats.records_read += len(chunk)
+            for x in chunk:
+                if isinstance(x, Skipped):
+                    skip(x)
+            consume(chunk, *mapped)
+            progress.update(len(chunk))
+
+        def records_of(chunk: list) -> list[PreferenceRecord]:
+            return [x for x in chunk if isinstance(x, PreferenceRecord)]
+
+        if cfg.workers == 1:
+            _init_worker(cfg.tokenizer, cfg.units)
+            for chunk in record_chunks():
+                handle(chunk, _tokenize_chunk(records_of(chunk)))
+        else:
+            # A bounded window of chunks in flight (Pool.imap would read the whole input ahead).
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg.tokenizer, cfg.units)) as pool:
+                pending: deque = deque()
+                for chunk in record_chunks():
+                    pending.append((chunk, pool.apply_async(_tokenize_chunk, (records_of(chunk),))))
+                    if len(pending) >= 4 * cfg.workers:
+                        done, res = pending.popleft()
+                        handle(done, res.get())
+                while pending:
+                    done, res = pending.popleft()
+                    handle(done, res.get())
+    progress.close()
+    skipped_tmp.replace(out / "skipped.jsonl")
+
+    result = stats.finish(cfg.pack_tokens, _packed_fill)
+    write_json(out / "stats.json", result)
+    options = asdict(cfg)
+    options.pop("output")
+    options["inputs"] = [{"path": p, "sha256": _file_digest(p)} for p in cfg.inputs]
+    writer.close({"tokenizer": tokenizer.describe(), "build": options, "units": writer.num_units})
+    return result

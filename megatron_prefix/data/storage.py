@@ -1,0 +1,157 @@
+"""The on-disk unit store: a flat token file plus a few index arrays, memory-mapped on read.
+
+A built dataset directory holds::
+
+    tokens.bin          int32 token ids of every unit in the shared layout [prompt, r1, ..., rK], back to back
+    index/*.npy         int64 unit_offsets [U+1] (into tokens.bin), int32 prompt_lens [U],
+                        int64 resp_offsets [U+1] (into the per-response arrays), int32 resp_lens [R],
+                        float32 resp_scores [R], int32 resp_slots [R], int64 unit_records [U]
+                        (record ordinal the unit came from); plain .npy (deterministic, mmap-able)
+    meta.json           tokenizer (kind, path, vocab size, special ids, hash), build options, inputs
+    stats.json          see ``megatron_prefix.data.stats``
+    skipped.jsonl       one line per skipped record: file, line, reason, detail
+
+Writing streams tokens to disk as units arrive (the index stays in compact ``array`` buffers: a few
+integers per unit), so memory stays flat in the input size. Files are written under a temporary name and
+renamed when complete; the same input gives byte-identical files (no timestamps, sorted JSON keys).
+
+Pure numpy: no torch, no megatron.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from array import array
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megatron_prefix.data.unit import Unit
+
+TOKENS_FILE = "tokens.bin"
+INDEX_DIR = "index"
+INDEX_ARRAYS = ("unit_offsets", "prompt_lens", "resp_offsets", "resp_lens", "resp_scores", "resp_slots", "unit_records")
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Deterministic JSON (sorted keys, fixed indentation), written atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class UnitWriter:
+    """Append units to a dataset directory; ``close(meta)`` writes the index and metadata."""
+
+    def __init__(self, out_dir: str | Path):
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._tmp_tokens = self.dir / (TOKENS_FILE + ".tmp")
+        self._fh = open(self._tmp_tokens, "wb")
+        self.unit_offsets = array("q", [0])
+        self.prompt_lens = array("i")
+        self.resp_offsets = array("q", [0])
+        self.resp_lens = array("i")
+        self.resp_scores = array("f")
+        self.resp_slots = array("i")
+        self.unit_records = array("q")
+
+    @property
+    def num_units(self) -> int:
+        return len(self.prompt_lens)
+
+    def add(self, unit: Unit, record_ordinal: int) -> int:
+        """Append one unit; returns its global unit id."""
+        tokens = unit.tokens()
+        self._fh.write(tokens.astype("<i4", copy=False).tobytes())
+        self.unit_offsets.append(self.unit_offsets[-1] + len(tokens))
+        self.prompt_lens.append(unit.prompt_len)
+        self.resp_lens.extend(int(n) for n in unit.response_lens)
+        self.resp_scores.extend(float(s) for s in unit.scores)
+        self.resp_slots.extend(int(s) for s in unit.slots)
+        self.resp_offsets.append(len(self.resp_lens))
+        self.unit_records.append(record_ordinal)
+        return self.num_units - 1
+
+    def close(self, meta: dict) -> None:
+        """Flush tokens, write the index arrays and meta.json (last: its presence marks completion)."""
+        self._fh.close()
+        os.replace(self._tmp_tokens, self.dir / TOKENS_FILE)
+        arrays = {
+            "unit_offsets": np.frombuffer(self.unit_offsets, dtype=np.int64),
+            "prompt_lens": np.frombuffer(self.prompt_lens, dtype=np.int32),
+            "resp_offsets": np.frombuffer(self.resp_offsets, dtype=np.int64),
+            "resp_lens": np.frombuffer(self.resp_lens, dtype=np.int32),
+            "resp_scores": np.frombuffer(self.resp_scores, dtype=np.float32),
+            "resp_slots": np.frombuffer(self.resp_slots, dtype=np.int32),
+            "unit_records": np.frombuffer(self.unit_records, dtype=np.int64),
+        }
+        index_dir = self.dir / INDEX_DIR
+        index_dir.mkdir(exist_ok=True)
+        for name, arr in arrays.items():
+            tmp = index_dir / f"{name}.tmp.npy"
+            np.save(tmp, arr)  # .npy: header + data, no timestamps (np.savez's zip entries carry mtimes)
+            os.replace(tmp, index_dir / f"{name}.npy")
+        write_json(self.dir / META_FILE, {"format_version": FORMAT_VERSION, **meta})
+
+
+class UnitStore:
+    """Read-only, memory-mapped view of a built dataset's units."""
+
+    def __init__(self, path: str | Path):
+        self.dir = Path(path)
+        for name in (TOKENS_FILE, META_FILE, *(f"{INDEX_DIR}/{a}.npy" for a in INDEX_ARRAYS)):
+            if not (self.dir / name).is_file():
+                raise ValueError(
+                    f"{self.dir}: not a built dataset ({name} missing); build one with tools/build_dataset.py"
+                )
+        self.meta = json.loads((self.dir / META_FILE).read_text())
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{self.dir / META_FILE}: format_version {self.meta.get('format_version')} is not "
+                f"{FORMAT_VERSION}; rebuild the dataset with this version of tools/build_dataset.py"
+            )
+        idx = {a: np.load(self.dir / INDEX_DIR / f"{a}.npy", mmap_mode="r") for a in INDEX_ARRAYS}
+        self.unit_offsets = idx["unit_offsets"]
+        self.prompt_lens = idx["prompt_lens"]
+        self.resp_offsets = idx["resp_offsets"]
+        self.resp_lens = idx["resp_lens"]
+        self.resp_scores = idx["resp_scores"]
+        self.resp_slots = idx["resp_slots"]
+        self.unit_records = idx["unit_records"]
+        size = os.path.getsize(self.dir / TOKENS_FILE)
+        self.tokens = (
+            np.memmap(self.dir / TOKENS_FILE, dtype="<i4", mode="r") if size else np.zeros(0, dtype=np.int32)
+        )
+        assert len(self.tokens) == self.unit_offsets[-1], "tokens.bin does not match the index"
+
+    def __len__(self) -> int:
+        return len(self.prompt_lens)
+
+    def shared_lengths(self) -> np.ndarray:
+        """[U] tokens of each unit in the shared layout."""
+        return np.diff(self.unit_offsets)
+
+    def unshared_lengths(self) -> np.ndarray:
+        """[U] tokens of each unit in the duplicated layout (K copies of the prompt)."""
+        k = np.diff(self.resp_offsets)
+        return np.diff(self.unit_offsets) + (k - 1) * self.prompt_lens
+
+    def responses_per_unit(self) -> np.ndarray:
+        """[U] K of each unit."""
+        return np.diff(self.resp_offsets)
+
+    def get_unit(self, i: int) -> Unit:
+        """Unit ``i`` with its global id."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"unit {i} out of range (dataset has {len(self)})")
+        toks = np.asarray(self.tokens[self.unit_offsets[i] : self.unit_offsets[i + 1]], dtype=np.int32)
+        p = int(self.prompt_lens[i])
+        r0, r1 = int(self.resp_offsets[i]), int(self.resp_offsets[i + 1])
+        cuts = p + np.cumsum(self.resp_lens[r0:r1])[:-1]
+        responses = np.split(toks[p:], cuts - p)
+        return Unit(toks[:p], responses, np.array(self.resp_scores[r0:r1]), i, np.array(self.resp_slots[r0:r1]))

@@ -1,0 +1,104 @@
+"""Chat templates: the plain fallback template and a sandboxed Jinja renderer like transformers'.
+
+A chat template turns a message list into one string. Hugging Face tokenizers ship theirs in
+``tokenizer_config.json`` (``chat_template``) or ``chat_template.jinja``; the byte tokenizer, SentencePiece
+models and HF tokenizers without one use ``PLAIN_CHAT_TEMPLATE``. Every message becomes::
+
+    <|{role}|>\\n{content}\\n
+
+and ``add_generation_prompt=True`` appends ``<|assistant|>\\n``. So ``[system: S, user: U]`` plus the
+generation prompt renders as ``"<|system|>\\nS\\n<|user|>\\nU\\n<|assistant|>\\n"`` and an assistant reply
+``A`` after it renders as ``"A\\n"``. The markers are ordinary text (no special tokens); no BOS/EOS text
+is emitted (the tokenization policy adds those, see ``docs/tokenization.md``).
+
+Rendering follows ``transformers``' ``apply_chat_template``: an ``ImmutableSandboxedEnvironment`` with
+``trim_blocks`` and ``lstrip_blocks``, the ``loopcontrols`` extension, a ``tojson`` filter that does not
+escape HTML, and the globals ``raise_exception`` and ``strftime_now``. Templates are compiled once and
+cached.
+
+Pure Python: no torch, no megatron.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from megatron_prefix.data.records import Message
+
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+class TemplateError(ValueError):
+    """A chat template failed to render (``raise_exception`` in the template, or a Jinja error)."""
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=32)
+def compile_template(source: str) -> jinja2.Template:
+    """Compile a chat template in a sandboxed environment configured like transformers'."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as err:
+        raise TemplateError(f"chat template does not compile: {err}") from err
+
+
+def messages_to_dicts(messages: Sequence[Message | dict]) -> list[dict]:
+    """``Message`` objects (or dicts) -> the ``[{"role", "content"}]`` list templates expect."""
+    out = []
+    for m in messages:
+        if isinstance(m, Message):
+            out.append({"role": m.role, "content": m.content})
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def render_template(
+    source: str,
+    messages: Sequence[Message | dict],
+    add_generation_prompt: bool,
+    special_tokens: dict[str, str | None] | None = None,
+) -> str:
+    """Render ``messages`` with template ``source``; ``special_tokens`` gives ``bos_token``, ``eos_token``, ...
+
+    Raises ``TemplateError`` when the template raises or fails.
+    """
+    tmpl = compile_template(source)
+    variables = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+    try:
+        return tmpl.render(
+            messages=messages_to_dicts(messages), add_generation_prompt=add_generation_prompt, **variables
+        )
+    except jinja2.exceptions.TemplateError as err:
+        raise TemplateError(f"chat template failed: {err}") from err

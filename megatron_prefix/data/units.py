@@ -1,0 +1,264 @@
+"""Records -> units: the tokenization policy, truncation, and splitting of many-response prompts.
+
+Tokenization policy (TRL DPOTrainer style; ``docs/tokenization.md`` has the full text). The prompt is
+always tokenized on its own and every response on its own, so no token ever spans the boundary:
+
+- standard (string) prompt: ``prompt_ids = encode(prompt, add_special=True)`` (BOS if the tokenizer adds
+  one); ``response_ids = encode(response, add_special=False) + [eos]``.
+- conversational prompt: ``prompt_text = render_chat(prompt, add_generation_prompt=True)``; for each
+  response ``full = render_chat(prompt + [assistant: response], add_generation_prompt=False)`` must start
+  with ``prompt_text`` (else the record is skipped, ``template_prefix_mismatch``) and the response text is
+  ``full[len(prompt_text):]`` (so it includes the template's end-of-turn text). ``prompt_ids =
+  encode(prompt_text, add_special=not prompt_text.startswith(bos_token))`` (a template that writes the BOS
+  text gets no second BOS); ``response_ids = encode(response_text, add_special=False)`` plus EOS unless its
+  last id already is EOS.
+
+So for every unit and every i, ``unit.unshared_sequence(i)`` is exactly ``prompt_ids + response_ids[i]`` of
+that policy (after truncation, a prefix of it; see below).
+
+Fitting a record into ``max_unit_tokens`` (``UnitBuilder.build``), with responses ranked by score,
+descending and stable, ``best`` the first: every unit holds ``best`` plus at least one other response, so
+the record fits when ``P + len(best) + len(longest other) <= max_unit_tokens``. When it does not:
+
+1. (``truncation`` on, conversational prompt) drop whole turns from the left of the prompt, one at a time
+   (a turn = a user message and the messages up to the next user message), never the leading system
+   message nor the last user message; re-render; count ``prompt_turns_dropped`` (turns) and
+   ``prompt_truncated`` (records).
+2. cut response tails to a common cap ``c``, the largest with ``P + min(len(best), c) + min(len(longest
+   other), c) <= max_unit_tokens``; every response longer than ``c`` is cut to ``c`` tokens and does *not*
+   get an EOS re-added (like TRL's ``max_completion_length``); count ``response_tail_cut`` (responses).
+3. if ``c < min_response_tokens`` (or truncation is off) the record is skipped: ``unit_too_long``.
+
+Splitting: responses are grouped in rank order; a group starts as ``[best, next]`` and takes the following
+responses while it has fewer than ``max_responses_per_unit`` and its tokens fit; then a new group starts
+with ``best`` again. A group whose responses all tie with ``best`` carries no preference and is dropped
+(its responses counted in ``truncated["dropped_tied_with_best"]``). A record giving several units counts
+``split_records`` (records) and ``split_units`` (the units they gave). Inside a unit, responses keep their
+original order and ``slots`` are their original indices; ``unit_id`` is -1 (assigned later).
+
+Pure Python + numpy: no torch, no megatron.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from megatron_prefix.config import require
+from megatron_prefix.data.records import Message, PreferenceRecord, Prompt, SkipRecord
+from megatron_prefix.data.templates import TemplateError
+from megatron_prefix.data.tokenizers import Tokenizer
+from megatron_prefix.data.unit import Unit
+
+
+@dataclass
+class UnitConfig:
+    """How records become units."""
+
+    max_unit_tokens: int = 4096  # prompt + all responses of one unit
+    max_responses_per_unit: int = 8  # more responses are split into several units
+    min_response_tokens: int = 1  # a response cut below this skips the record (unit_too_long)
+    truncation: bool = True  # off: a record that does not fit is skipped (unit_too_long)
+
+    def validate(self, prefix: str = "units") -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+        require(
+            isinstance(self.max_responses_per_unit, int) and self.max_responses_per_unit >= 2,
+            f"{prefix}.max_responses_per_unit",
+            f"must be an int >= 2, got {self.max_responses_per_unit!r}",
+        )
+        require(
+            isinstance(self.min_response_tokens, int) and self.min_response_tokens >= 1,
+            f"{prefix}.min_response_tokens",
+            f"must be an int >= 1, got {self.min_response_tokens!r}",
+        )
+        least = 1 + 2 * (self.min_response_tokens if isinstance(self.min_response_tokens, int) else 1)
+        require(
+            isinstance(self.max_unit_tokens, int) and self.max_unit_tokens >= least,
+            f"{prefix}.max_unit_tokens",
+            f"must be an int >= {least} (a prompt token and two responses of "
+            f"min_response_tokens), got {self.max_unit_tokens!r}",
+        )
+        require(
+            isinstance(self.truncation, bool),
+            f"{prefix}.truncation",
+            f"must be true or false, got {self.truncation!r}",
+        )
+
+
+def tokenize_record(
+    tok: Tokenizer, prompt: Prompt, responses: Sequence[str]
+) -> tuple[list[int], list[list[int]]]:
+    """The tokenization policy (module docstring): ``(prompt_ids, [response_ids...])``.
+
+    Raises ``SkipRecord`` (``template_prefix_mismatch``, ``template_error``).
+    """
+    if isinstance(prompt, str):
+        resp = [tok.encode(r, add_special=False) + [tok.eos_id] for r in responses]
+        return tok.encode(prompt, add_special=True), resp
+    messages = list(prompt)
+    try:
+        prompt_text = tok.render_chat(messages, add_generation_prompt=True)
+        fulls = [
+            tok.render_chat(messages + [Message("assistant", r)], add_generation_prompt=False)
+            for r in responses
+        ]
+    except TemplateError as err:
+        raise SkipRecord("template_error", str(err)) from err
+    resp = []
+    for i, full in enumerate(fulls):
+        if not full.startswith(prompt_text):
+            raise SkipRecord(
+                "template_prefix_mismatch",
+                f"response {i}: the rendered conversation does not start with the rendered prompt",
+            )
+        ids = tok.encode(full[len(prompt_text) :], add_special=False)
+        if not ids or ids[-1] != tok.eos_id:
+            ids.append(tok.eos_id)
+        resp.append(ids)
+    bos_in_text = bool(tok.bos_token) and prompt_text.startswith(tok.bos_token)
+    return tok.encode(prompt_text, add_special=not bos_in_text), resp
+
+
+def drop_first_turn(messages: Sequence[Message]) -> list[Message] | None:
+    """The prompt without its oldest turn (keeping a leading system message and the last user message).
+
+    A turn is the messages from the first non-system message up to (excluding) the next user message.
+    Returns None when nothing can be dropped.
+    """
+    msgs = list(messages)
+    start = 1 if msgs and msgs[0].role == "system" else 0
+    users = [i for i, m in enumerate(msgs) if m.role == "user" and i > start]
+    if not users:
+        return None
+    return msgs[:start] + msgs[users[0] :]
+
+
+def tail_cap(prompt_len: int, best_len: int, other_len: int, max_tokens: int) -> int:
+    """Largest ``c`` with ``prompt_len + min(best_len, c) + min(other_len, c) <= max_tokens`` (may be < 1)."""
+    budget = max_tokens - prompt_len
+    short, long_ = sorted((best_len, other_len))
+    if short + long_ <= budget:
+        return long_
+    if 2 * short <= budget:
+        return budget - short
+    return budget // 2
+
+
+class UnitBuilder:
+    """Builds units from records with one tokenizer and config; counts what it truncated and skipped."""
+
+    def __init__(self, tokenizer: Tokenizer, cfg: UnitConfig | None = None) -> None:
+        self.tok = tokenizer
+        self.cfg = cfg or UnitConfig()
+        self.cfg.validate()
+        self.truncated: Counter[str] = Counter()
+
+    @property
+    def skipped_responses(self) -> Counter[str]:
+        """Responses dropped from kept records, by reason (``tied_with_best``, ``response_too_short``).
+
+        They are counted in ``truncated`` under ``dropped_<reason>`` (one counter for the dataset stats).
+        """
+        return Counter(
+            {k[len("dropped_") :]: v for k, v in self.truncated.items() if k.startswith("dropped_")}
+        )
+
+    def build(self, record: PreferenceRecord) -> list[Unit]:
+        """The units of ``record`` (see the module docstring); raises ``SkipRecord`` when it yields none."""
+        cfg = self.cfg
+        if record.k < 2:
+            raise SkipRecord("too_few_responses", f"{record.k} response(s)")
+        prompt = record.prompt
+        prompt_ids, resp = tokenize_record(self.tok, prompt, record.responses)
+        if not prompt_ids:
+            raise SkipRecord("empty_prompt", "the prompt tokenizes to nothing")
+        keep = [i for i, r in enumerate(resp) if len(r) >= cfg.min_response_tokens]
+        if len(keep) < len(resp):
+            self.truncated["dropped_response_too_short"] += len(resp) - len(keep)
+        scores = record.scores
+        order = sorted(keep, key=lambda i: -scores[i])
+        if len(order) < 2:
+            raise SkipRecord(
+                "too_few_responses", f"{len(order)} response(s) of >= {cfg.min_response_tokens} tokens"
+            )
+        if all(scores[i] == scores[order[0]] for i in order):
+            raise SkipRecord("no_preference", "all responses have the same score")
+
+        def need() -> tuple[int, int, int]:
+            best = len(resp[order[0]])
+            other = max(len(resp[i]) for i in order[1:])
+            return len(prompt_ids) + best + other, best, other
+
+        total, best_len, other_len = need()
+        if total > cfg.max_unit_tokens:
+            if not cfg.truncation:
+                raise SkipRecord(
+                    "unit_too_long",
+                    f"prompt {len(prompt_ids)} + best {best_len} + longest other "
+                    f"{other_len} tokens > max_unit_tokens {cfg.max_unit_tokens} (truncation off)",
+                )
+            dropped = 0
+            while total > cfg.max_unit_tokens and not isinstance(prompt, str):
+                shorter = drop_first_turn(prompt)
+                if shorter is None:
+                    break
+                prompt, dropped = tuple(shorter), dropped + 1
+                prompt_ids, resp = tokenize_record(self.tok, prompt, record.responses)
+                total, best_len, other_len = need()
+            if dropped:
+                self.truncated["prompt_turns_dropped"] += dropped
+                self.truncated["prompt_truncated"] += 1
+            if total > cfg.max_unit_tokens:
+                cap = tail_cap(len(prompt_ids), best_len, other_len, cfg.max_unit_tokens)
+                if cap < cfg.min_response_tokens:
+                    raise SkipRecord(
+                        "unit_too_long",
+                        f"prompt of {len(prompt_ids)} tokens leaves room for responses "
+                        f"of {max(cap, 0)} tokens < min_response_tokens {cfg.min_response_tokens} "
+                        f"(max_unit_tokens {cfg.max_unit_tokens})",
+                    )
+                cut = [i for i in order if len(resp[i]) > cap]
+                for i in cut:
+                    resp[i] = resp[i][:cap]
+                self.truncated["response_tail_cut"] += len(cut)
+        groups = self._groups(order, [len(r) for r in resp], cfg.max_unit_tokens - len(prompt_ids))
+        useful = []
+        for g in groups:
+            if any(scores[i] < scores[order[0]] for i in g):
+                useful.append(g)
+            else:
+                self.truncated["dropped_tied_with_best"] += len(g) - 1
+        if len(useful) > 1:
+            self.truncated["split_records"] += 1
+            self.truncated["split_units"] += len(useful)
+        units = []
+        for g in useful:
+            idx = sorted(g)
+            units.append(
+                Unit(
+                    prompt_ids,
+                    [resp[i] for i in idx],
+                    [scores[i] for i in idx],
+                    -1,
+                    np.asarray(idx, dtype=np.int32),
+                )
+            )
+        return units
+
+    def _groups(self, order: list[int], lens: list[int], budget: int) -> list[list[int]]:
+        """Rank-ordered groups, each ``[best, ...]``, within ``budget`` tokens and the response limit."""
+        best = order[0]
+        groups, cur, used = [], [best], lens[best]
+        for j in order[1:]:
+            if len(cur) < self.cfg.max_responses_per_unit and used + lens[j] <= budget:
+                cur.append(j)
+                used += lens[j]
+            else:
+                groups.append(cur)
+                cur, used = [best, j], lens[best] + lens[j]
+        groups.append(cur)
+        return groups

@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Check that prefix sharing is exact for a model: shared rows vs each ``[prompt + response]`` alone.
+
+    python tools/verify_sharing.py --model CONFIG.yaml|HF_DIR [--data BUILT_DATASET_DIR | --synthetic N]
+        [--units N] [--backend dense|flex|varlen] [--tp N] [--tolerance X] [--dtype float32]
+        [--pack-tokens T] [--seed S] [--control none|positions|mask]
+
+For every response of the first ``--units`` units it computes the summed log-prob twice:
+
+- *shared*: units packed ``[prompt, r1, ..., rK]`` into rows (``megatron_prefix.data.row.pack_row``),
+  ``SharedPrefixGPTModel`` with the chosen attention backend, ``model.logprobs.response_logprobs``;
+- *alone*: megatron's stock ``GPTModel`` (same weights, stock causal attention, stock RoPE over
+  ``0..L-1``) on ``prompt + response`` by itself, ``log_softmax`` over the full vocabulary;
+
+and prints the max absolute and relative difference and PASS/FAIL (exit code 1 on FAIL; 2 on a usage
+error). Weights are random (seeded, megatron's init with ``init_method_std``); loading checkpoint weights
+is not wired yet. ``--tp N`` > 1 relaunches itself under ``torchrun`` with N processes. ``--control``
+breaks the shared side on purpose (stock positions 0..T-1, or responses seeing each other) to show the
+check detects it (expect FAIL). On CPU the flex/varlen backends run their forward-only reference paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.05}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a ModelConfig YAML, a HF config.json, or a HF checkpoint dir")
+    ap.add_argument("--data", help="a dataset directory written by tools/build_dataset.py")
+    ap.add_argument("--synthetic", type=int, default=0, help="use N random units instead of --data")
+    ap.add_argument("--units", type=int, default=16, help="how many units to check (default 16)")
+    ap.add_argument("--backend", default="dense", help="attention backend: dense, flex or varlen")
+    ap.add_argument("--tp", type=int, default=1, help="tensor parallel size (relaunches under torchrun)")
+    ap.add_argument("--tolerance", type=float, default=None, help="max abs log-prob difference for PASS")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DEFAULT_TOLERANCE))
+    ap.add_argument("--pack-tokens", type=int, default=0, help="row length (default: fits the longest unit)")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--control", default="none", choices=("none", "positions", "mask"))
+    args = ap.parse_args(argv)
+    if not args.data and args.synthetic <= 0:
+        ap.error("give --data DIR or --synthetic N")
+    if args.units <= 0 or args.tp <= 0:
+        ap.error("--units and --tp must be positive")
+    if args.tolerance is None:
+        args.tolerance = DEFAULT_TOLERANCE[args.dtype]
+    return args
+
+
+def _relaunch_under_torchrun(tp: int, argv: list[str]) -> int:
+    """Run this script with ``tp`` processes (torch.distributed.run) and return its exit code."""
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp}", "--nnodes=1",
+           "--master-addr=127.0.0.1", f"--master-port={port}", str(Path(__file__).resolve()), *argv]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.run(cmd, env=env, check=False).returncode
+
+
+def load_units(args, vocab_size: int):
+    """(units, pad_id, vocab needed) from --data or --synthetic."""
+    import numpy as np
+
+    from megatron_prefix.data.unit import Unit
+
+    if args.data:
+        from megatron_prefix.data.dataset import PreferenceDataset
+
+        ds = PreferenceDataset(args.data)
+        n = min(args.units, len(ds))
+        units = ds.units(range(n))
+        return units, ds.pad_id, int(ds.tokenizer_info["vocab_size"])
+    rng = np.random.default_rng(args.seed)
+    units = []
+    for i in range(min(args.units, args.synthetic)):
+        k = int(rng.integers(2, 5))
+        units.append(Unit(rng.integers(1, vocab_size, rng.integers(4, 24)),
+                          [rng.integers(1, vocab_size, rng.integers(1, 16)) for _ in range(k)],
+                          np.zeros(k), unit_id=i))
+    return units, 0, vocab_size
+
+
+def pack_greedy(units, pack_tokens: int, pad_id: int):
+    """Rows of consecutive units, each row filled until the next unit does not fit."""
+    from megatron_prefix.data.row import pack_row
+
+    rows, current, used = [], [], 0
+    for u in units:
+        if current and used + u.shared_len > pack_tokens:
+            rows.append(pack_row(current, pack_tokens, pad_id))
+            current, used = [], 0
+        current.append(u)
+        used += u.shared_len
+    if current:
+        rows.append(pack_row(current, pack_tokens, pad_id))
+    return rows
+
+
+def shared_logps(model, rows, control: str, tp_group):
+    """Per-response log-probs from the shared rows (one row per forward), in unit/response order."""
+    import torch
+
+    from megatron_prefix.model.batch import MicroBatch
+    from megatron_prefix.model.logprobs import response_logprobs
+
+    out = []
+    for row in rows:
+        mb = MicroBatch.for_this_rank([row])
+        if control == "positions":
+            mb.position_ids = torch.arange(row.pack_tokens, device=mb.tokens.device)[None]
+        elif control == "mask":
+            seg = mb.params.segment_ids
+            mb.params.segment_ids = torch.where(seg > 0, torch.ones_like(seg), seg)
+        logits_sbv = mb.forward(model)
+        out.append(response_logprobs(logits_sbv, mb.index, tp_group=tp_group).logps)
+    return torch.cat(out)
+
+
+def alone_logps(ref_model, units, device, tp_group):
+    """Per-response log-probs of each ``prompt + response`` run alone through the stock model."""
+    import torch
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    out = []
+    for u in units:
+        p = u.prompt_len
+        for i in range(u.k):
+            seq = torch.from_numpy(u.unshared_sequence(i)).long().to(device)[None]
+            n = seq.shape[1]
+            causal_mask = torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), 1)[None, None]
+            logits_bsv = ref_model(seq, torch.arange(n, device=device)[None], causal_mask)
+            logits_bsv = gather_from_tensor_model_parallel_region(logits_bsv, group=tp_group)
+            logp = torch.log_softmax(logits_bsv[0].float(), dim=-1)
+            out.append(logp[p - 1 : n - 1].gather(1, seq[0, p:, None]).sum())
+    return torch.stack(out)
+
+
+def run(args) -> int:
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from megatron_prefix.attention.backends import AttentionConfig
+    from megatron_prefix.model.config import ModelConfig
+    from megatron_prefix.model.spec import build_model, build_reference_model
+    from megatron_prefix.parallel import init_parallel
+
+    info = init_parallel(args.tp, 1, 1, seed=args.seed)
+    say = print if info.rank == 0 else (lambda *a, **k: None)
+    cfg = ModelConfig.load(args.model)
+    units, pad_id, data_vocab = load_units(args, cfg.vocab_size)
+    if not units:
+        say("verify_sharing: no units to check")
+        return 2
+    if data_vocab > cfg.vocab_size:  # random weights: widen the vocabulary to cover the data
+        step = 8 * args.tp
+        cfg.vocab_size = -(-data_vocab // step) * step
+    top = max(int(max(u.tokens().max() for u in units)), pad_id)
+    if top >= cfg.vocab_size:
+        say(f"verify_sharing: token id {top} >= model.vocab_size {cfg.vocab_size}")
+        return 2
+    pack_tokens = args.pack_tokens or -(-max(u.shared_len for u in units) // 64) * 64
+    rows = pack_greedy(units, pack_tokens, pad_id)
+
+    attention = AttentionConfig(backend=args.backend, allow_cpu_reference=not torch.cuda.is_available())
+    model = build_model(cfg, attention, dtype=args.dtype).eval()
+    ref = build_reference_model(cfg, dtype=args.dtype).eval()
+    ref.load_state_dict(model.state_dict())
+    tp_group = ps.get_tensor_model_parallel_group()
+    with torch.no_grad():
+        shared = shared_logps(model, rows, args.control, tp_group).cpu()
+        alone = alone_logps(ref, units, info.device, tp_group).cpu()
+    abs_diff = (shared - alone).abs()
+    rel_diff = abs_diff / alone.abs().clamp(min=1e-6)
+    ok = bool(abs_diff.max() <= args.tolerance)
+    say(f"verify_sharing: model={args.model} ({cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+        f"vocab {cfg.vocab_size}) backend={args.backend} tp={args.tp} dtype={args.dtype} control={args.control}")
+    say(f"  {len(units)} units, {len(alone)} responses, {len(rows)} rows x {pack_tokens} tokens")
+    worst = int(abs_diff.argmax())
+    say(f"  max |logp_shared - logp_alone| = {abs_diff.max():.3e} (response {worst}: shared {shared[worst]:.6f}, "
+        f"alone {alone[worst]:.6f})")
+    say(f"  max relative difference        = {rel_diff.max():.3e}")
+    say(f"{'PASS' if ok else 'FAIL'} (tolerance {args.tolerance:g})")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.tp > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch_under_torchrun(args.tp, argv)
+    try:
+        return run(args)
+    except ValueError as err:
+        print(f"verify_sharing: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
