@@ -180,6 +180,7 @@ def build_dataset(cfg: BuildConfig, log: Callable[[str], None] = print) -> dict:
     write_json(out / "stats.json", result)
     options = asdict(cfg)
     options.pop("output")
+    options.pop("workers")  # does not change the output (byte-identical across worker counts)
     options["inputs"] = [{"path": p, "sha256": _file_digest(p)} for p in cfg.inputs]
     writer.close({"tokenizer": tokenizer.describe(), "build": options, "units": writer.num_units})
     return result
