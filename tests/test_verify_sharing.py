@@ -1,0 +1,58 @@
+"""``tools/verify_sharing.py``: PASS on exact sharing, FAIL on broken controls, works on a built dataset."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "models" / "tiny_llama.yaml")
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("verify_sharing", ROOT / "tools" / "verify_sharing.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_synthetic_pass_and_controls_fail(capsys):
+    tool = _tool()
+    assert tool.main(["--model", TINY, "--synthetic", "6", "--units", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "max |logp_shared - logp_alone|" in out
+    # the check must detect stock positions and a leaky mask
+    assert tool.main(["--model", TINY, "--synthetic", "6", "--control", "positions"]) == 1
+    assert tool.main(["--model", TINY, "--synthetic", "6", "--control", "mask"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_usage_errors():
+    tool = _tool()
+    with pytest.raises(SystemExit) as err:
+        tool.main(["--model", TINY])  # neither --data nor --synthetic
+    assert err.value.code == 2
+
+
+def test_built_dataset(tmp_path, capsys):
+    """A dataset built by the data pipeline (byte tokenizer) passes; the vocabulary is widened to fit."""
+    from megatron_prefix.data.builder import BuildConfig, build_dataset
+    from megatron_prefix.data.units import UnitConfig
+
+    records = [
+        {"prompt": f"Sort {i}: c a b", "responses": ["a b c", "c b a", "b a c"][: 2 + i % 2], "ranks": [0, 1, 2][: 2 + i % 2]}
+        for i in range(5)
+    ]
+    src = tmp_path / "prefs.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out_dir = tmp_path / "data"
+    cfg = BuildConfig(inputs=[str(src)], tokenizer="byte", output=str(out_dir),
+                      units=UnitConfig(max_unit_tokens=256), pack_tokens=256)
+    build_dataset(cfg, log=lambda msg: None)
+    tool = _tool()
+    assert tool.main(["--model", TINY, "--data", str(out_dir), "--units", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "4 units" in out
