@@ -1,0 +1,17 @@
+#!/usr/bin/env python3
+"""Reward-model training (Bradley-Terry or Plackett-Luce) with prefix sharing.
+
+    torchrun [--nnodes N --nproc-per-node G ...] launch/train_rm.py --config configs/X.yaml [a.b=c ...]
+
+The same runner as launch/train_dpo.py with ``task: rm`` (scalar head, reward at each response's EOS).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_prefix.training.runner import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], task="rm"))

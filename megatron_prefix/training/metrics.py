@@ -1,0 +1,111 @@
+"""Per-step metrics: a JSONL file (always), the console, TensorBoard (when installed), W&B (when set).
+
+``MetricsLogger`` runs on the last rank only (the one holding the loss); other ranks get a no-op logger.
+Every optimizer step appends one JSON object to ``<checkpoint.dir>/metrics.jsonl`` with at least
+``step, loss, accuracy, grad_norm, lr, pairs_per_s``; eval results are logged with ``split: "eval"``.
+On resume, records for steps after the resume point are dropped first, so the file stays one record
+per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from megatron_prefix.config import require
+
+
+@dataclass
+class LoggingConfig:
+    """``logging.*``."""
+
+    interval: int = 1  # console line every N steps
+    tensorboard: bool = True  # when the tensorboard package is installed
+    wandb_project: str | None = None  # W&B when set and wandb is installed
+    wandb_run: str | None = None
+
+    def validate(self) -> None:
+        require(self.interval >= 1, "logging.interval", f"must be >= 1, got {self.interval}")
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLogger:
+    """Writes metrics; ``enabled=False`` makes every call a no-op (non-logging ranks)."""
+
+    def __init__(self, run_dir: str | Path, cfg: LoggingConfig, enabled: bool, resume_step: int = 0):
+        self.enabled = enabled
+        self.cfg = cfg
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_step)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except Exception:  # tensorboard is optional
+                self._tb = None
+        if cfg.wandb_project:
+            try:
+                import wandb
+
+                self._wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run, resume="allow")
+            except ImportError as err:
+                raise ValueError("logging.wandb_project is set but wandb is not installed") from err
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if rec.get("step", 0) <= step:
+                keep.append(line)
+        self.path.write_text("".join(k + "\n" for k in keep))
+
+    def log(self, record: dict) -> None:
+        """Append one record (a dict with ``step``)."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({k: _clean(v) for k, v in record.items()}, sort_keys=True) + "\n")
+        prefix = record.get("split", "train")
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k != "step":
+                if self._tb is not None:
+                    self._tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+        if self._wandb is not None:
+            self._wandb.log({f"{prefix}/{k}": v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def console_line(rec: dict, max_steps: int) -> str:
+    """One compact progress line for the console."""
+    parts = [f"step {rec['step']:>5}/{max_steps}"]
+    for key, fmt in (
+        ("loss", ".4f"), ("accuracy", ".3f"), ("margin", ".3f"), ("grad_norm", ".3f"), ("lr", ".2e"),
+        ("pairs_per_s", ".1f"), ("tokens_per_s", ".0f"), ("step_time_s", ".2f"),
+    ):
+        if key in rec and isinstance(rec[key], (int, float)):
+            parts.append(f"{key} {rec[key]:{fmt}}")
+    return " | ".join(parts)

@@ -1,0 +1,383 @@
+"""The training runner behind ``launch/train_dpo.py`` and ``launch/train_rm.py`` (one loop for both).
+
+Order of a run: parse the recipe and overrides -> validate the config against the world size and device
+(before any model is built) -> init process groups (CPU compat on CPU) -> open the dataset, fix the
+vocabulary -> build policy (DDP, optimizer, schedule) -> resume from ``<checkpoint.dir>/latest`` or
+start from ``checkpoint.load`` -> reference log-probs (precompute / online) -> steps through megatron's
+``get_forward_backward_func`` -> checkpoints, evaluation, metrics. SIGTERM / SIGUSR1 (SLURM preemption)
+save and exit cleanly; a NaN/inf loss or grad norm stops the run naming the step and keeps the last good
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_prefix.config import apply_overrides, from_dict, load_yaml
+from megatron_prefix.data.dataset import PreferenceDataset
+from megatron_prefix.model.config import ModelConfig
+from megatron_prefix.parallel import init_parallel, seed_everything
+from megatron_prefix.training import flops
+from megatron_prefix.training.checkpoint import CheckpointManager, resolve
+from megatron_prefix.training.config import TrainConfig
+from megatron_prefix.training.loader import StepLoader, eval_rows
+from megatron_prefix.training.metrics import MetricsLogger, console_line
+from megatron_prefix.training.reference import ReferenceCache, dataset_digest, precompute
+from megatron_prefix.training.setup import build_stage, build_trainable, load_state, sharded_state
+from megatron_prefix.training.step import (
+    StepContext, logprob_collector, loss_func, make_microbatches, reduce_report, response_positions, run_schedule,
+)
+
+EXIT_NONFINITE = 3
+
+
+class _Preempted:
+    """Set by SIGTERM / SIGUSR1; checked (and agreed on by all ranks) after every step."""
+
+    flag = False
+
+    @classmethod
+    def install(cls) -> None:
+        def handler(signum, frame):  # noqa: ARG001
+            cls.flag = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+
+def parse_config(argv: list[str], task: str) -> TrainConfig:
+    """``--config FILE`` plus ``a.b=c`` overrides -> ``TrainConfig`` (not yet validated)."""
+    ap = argparse.ArgumentParser(prog=f"train_{task}", description=__doc__)
+    ap.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 parallel.tp=2")
+    args = ap.parse_args(argv)
+    data = load_yaml(args.config)
+    apply_overrides(data, args.overrides)
+    if data.setdefault("task", task) != task:
+        raise ValueError(f"task: the recipe says {data['task']!r} but this launcher trains {task!r}")
+    hf = (data.get("model") or {}).pop("hf_config", None)
+    cfg = from_dict(TrainConfig, data)
+    if hf:
+        cfg.model = ModelConfig.from_hf_config(hf)
+    cfg.model_source = hf  # not a dataclass field: where the architecture came from (None: the recipe)
+    return cfg
+
+
+def _log(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def _agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank when any rank says True."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class Run:
+    """One training run; ``main`` drives it."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.cuda = torch.cuda.is_available() and cfg.resolved_device(torch.cuda.is_available()) == "cuda"
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cfg.validate(world_size=world, cuda=torch.cuda.is_available())
+        p = cfg.parallel
+        self.info = init_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.train.seed)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        self.dataset = PreferenceDataset(cfg.data.path, cfg.data.layout)
+        self.ckpt = CheckpointManager(cfg.checkpoint)
+        self._fix_vocab()
+        self.train_ids, self.eval_ids = self.dataset.split_ids(cfg.data.eval_fraction, cfg.data.seed)
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.loader = StepLoader(self.dataset, self.train_ids, cfg.data.batch_config(), dp_rank, dp_size)
+        self.ctx = StepContext(
+            task=cfg.task, loss=cfg.loss, device=self.device, cp_size=p.cp,
+            cp_rank=ps.get_context_parallel_rank(), needs_reference=cfg.reference.mode != "none",
+        )
+        seed = partial(seed_everything, cfg.train.seed)
+        self.t = build_trainable(cfg, self.model_cfg, self.cuda, seed)
+        self.start_step = self._resume_or_load()
+        self.ref_model = None
+        self.ref_cache = None
+        if cfg.reference.mode == "online":
+            self.ref_model, _ = build_stage(cfg, self.model_cfg, self.cuda, seed)
+            self._load_reference_weights()
+        elif cfg.reference.mode == "precompute":
+            self._precompute_reference()
+        last = ps.is_pipeline_last_stage(ignore_virtual=True)
+        self.log_rank = last and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0 \
+            and ps.get_context_parallel_rank() == 0
+        self.metrics = MetricsLogger(cfg.checkpoint.dir, cfg.logging, enabled=self.log_rank,
+                                     resume_step=self.start_step)
+
+    # ---------------------------------------------------------------- setup helpers
+
+    def _fix_vocab(self) -> None:
+        """The dataset's tokenizer decides the vocabulary unless an HF config or checkpoint fixes it."""
+        data_vocab = int(self.dataset.tokenizer_info["vocab_size"])
+        fixed = self.cfg.checkpoint.load and resolve(self.cfg.checkpoint.load)
+        model_cfg = self.cfg.model
+        if fixed:
+            saved = CheckpointManager.read_train_state(fixed).get("model")
+            if saved:
+                model_cfg = ModelConfig(**{**asdict(model_cfg), **_model_fields(saved)})
+        if fixed or self._from_hf():
+            if data_vocab > model_cfg.vocab_size:
+                raise ValueError(
+                    f"model.vocab_size: the dataset's tokenizer has {data_vocab} ids but the model "
+                    f"({self.cfg.checkpoint.load or 'hf_config'}) has {model_cfg.vocab_size}; rebuild the "
+                    "dataset with the model's tokenizer"
+                )
+        else:
+            model_cfg = replace(model_cfg, vocab_size=data_vocab)
+        self.model_cfg = model_cfg
+
+    def _from_hf(self) -> bool:
+        return bool(getattr(self.cfg, "model_source", None))
+
+    def train_state(self, step: int) -> dict:
+        return {
+            "step": step,
+            "has_optimizer": True,
+            "scheduler": self.t.scheduler.state_dict(),
+            "model": asdict(self.model_cfg),
+            "task": self.cfg.task,
+            "config": asdict(self.cfg),
+            "world": {"tp": self.info.tp_size, "pp": self.info.pp_size, "cp": self.info.cp_size,
+                      "dp": self.info.dp_size},
+        }
+
+    def _resume_or_load(self) -> int:
+        latest = self.ckpt.latest()
+        if latest is not None:
+            return self._load(latest, with_optimizer=True, resume=True)
+        if self.cfg.checkpoint.load:
+            path = resolve(self.cfg.checkpoint.load)
+            if path is None:
+                raise ValueError(f"checkpoint.load: {self.cfg.checkpoint.load} holds no checkpoint")
+            has_opt = CheckpointManager.read_train_state(path).get("has_optimizer", False)
+            self._load(path, with_optimizer=has_opt and self.cfg.checkpoint.load_optimizer, resume=False)
+        return 0
+
+    def _load(self, path: Path, with_optimizer: bool, resume: bool) -> int:
+        state_info = CheckpointManager.read_train_state(path)
+        same_world = state_info.get("world") == {"tp": self.info.tp_size, "pp": self.info.pp_size,
+                                                 "cp": self.info.cp_size, "dp": self.info.dp_size}
+        state, info = CheckpointManager.load(
+            path, lambda: sharded_state(self.t, with_optimizer, is_loading=True), restore_rng=resume and same_world
+        )
+        load_state(self.t, state)
+        if resume:
+            self.t.scheduler.load_state_dict(info["scheduler"])
+            _log(f"resumed from {path} at step {info['step']}")
+            return int(info["step"])
+        _log(f"loaded weights from {path}")
+        return 0
+
+    def _load_reference_weights(self) -> None:
+        """Online reference = the initial policy: the `checkpoint.load` weights or the same seeded init."""
+        if self.cfg.checkpoint.load:
+            from megatron.core import dist_checkpointing
+            from megatron.core.utils import unwrap_model
+
+            core = unwrap_model(self.ref_model)
+            path = resolve(self.cfg.checkpoint.load)
+            state = dist_checkpointing.load({"model": core.sharded_state_dict()}, str(path))
+            core.load_state_dict(state["model"], strict=True)
+        for p in self.ref_model.parameters():
+            p.requires_grad_(False)
+        self.ref_model.eval()
+
+    def _reference_key(self) -> dict:
+        load = self.cfg.checkpoint.load
+        ref = {"checkpoint": str(resolve(load)) if load else None, "init_seed": None if load else self.cfg.train.seed}
+        if load:
+            ref["checkpoint_step"] = CheckpointManager.read_train_state(resolve(load)).get("step")
+        return {"dataset": dataset_digest(self.dataset), "units": len(self.dataset),
+                "model": asdict(self.model_cfg), "reference": ref}
+
+    def _precompute_reference(self) -> None:
+        root = self.cfg.reference.path or str(Path(self.cfg.data.path) / "reference")
+        self.ref_cache = ReferenceCache(root, self.dataset, self._reference_key())
+        if self.ref_cache.is_complete():
+            self.ref_cache.check_key()
+            return
+        if self.start_step > 0:
+            raise ValueError(
+                f"reference.path: {root} is incomplete but this run resumes at step {self.start_step}; the "
+                "reference is the initial policy, which is gone: restart without a checkpoint or set reference.mode"
+            )
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        writer = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
+            and ps.get_context_parallel_rank() == 0
+        precompute(
+            self.ref_cache,
+            lambda ids: eval_rows(self.dataset, ids, self.cfg.data.pack_tokens, dp_rank, dp_size),
+            partial(self._forward_values, [self.t.model]),
+            writer,
+            _log,
+        )
+
+    # ---------------------------------------------------------------- steps
+
+    def _forward_values(self, model: list, rows: list) -> list:
+        """Forward-only pass returning (micro-batch, per-response values) on the last stage."""
+        mbs = make_microbatches(rows, self.ctx)
+        store: list[torch.Tensor] = []
+        was_training = [m.training for m in model]
+        for m in model:
+            m.eval()
+        with torch.no_grad():
+            run_schedule(model, mbs, partial(logprob_collector, self.ctx, store), self._seq_len(), forward_only=True)
+        for m, flag in zip(model, was_training):
+            m.train(flag)
+        return list(zip(mbs, store)) if store else []
+
+    def _seq_len(self) -> int:
+        return self.cfg.data.pack_tokens // self.cfg.parallel.cp
+
+    def _attach_reference(self, mbs: list) -> None:
+        if self.ref_cache is not None:
+            for mb in mbs:
+                mb.ref_logps = self.ref_cache.lookup(mb, response_positions(mb)).to(self.device)
+        elif self.ref_model is not None:
+            store: list[torch.Tensor] = []
+            with torch.no_grad():
+                run_schedule([self.ref_model], mbs, partial(logprob_collector, self.ctx, store),
+                             self._seq_len(), forward_only=True)
+            for mb, values in zip(mbs, store):
+                mb.ref_logps = values.to(self.device)
+
+    def train_step(self, step: int) -> dict:
+        t0 = time.perf_counter()
+        rows = self.loader.rows(step)
+        mbs = make_microbatches(rows, self.ctx)
+        self._attach_reference(mbs)
+        self.t.model.zero_grad_buffer()
+        self.t.optimizer.zero_grad()
+        reports = run_schedule([self.t.model], mbs, partial(loss_func, self.ctx), self._seq_len(), forward_only=False)
+        _, grad_norm, _ = self.t.optimizer.step()
+        self.t.scheduler.step(increment=1)
+        rec = reduce_report(reports, self.device)
+        elapsed = time.perf_counter() - t0
+        tokens = _allsum(sum(r.num_tokens for r in rows), self.device) / (self.info.tp_size * self.info.cp_size
+                                                                          * self.info.pp_size)
+        rec.update(
+            step=step + 1, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            lr=self.t.optimizer.param_groups[0]["lr"], step_time_s=elapsed,
+            pairs_per_s=rec["pairs"] / elapsed, tokens_per_s=tokens / elapsed, tokens=tokens,
+            microbatches=len(mbs),
+        )
+        rec.update(flops.step_report(self.model_cfg, rows, self.info, elapsed, self.device, self.cuda))
+        return rec
+
+    def evaluate(self, step: int) -> dict | None:
+        if len(self.eval_ids) == 0:
+            return None
+        ids = self.eval_ids[: self.cfg.data.eval_units]
+        rows = eval_rows(self.dataset, ids, self.cfg.data.pack_tokens, ps.get_data_parallel_rank(),
+                         ps.get_data_parallel_world_size())
+        mbs = make_microbatches(rows, self.ctx)
+        self._attach_reference(mbs)
+        self.t.model.eval()
+        with torch.no_grad():
+            reports = run_schedule([self.t.model], mbs, partial(loss_func, self.ctx), self._seq_len(), forward_only=True)
+        self.t.model.train()
+        rec = reduce_report(reports, self.device)
+        rec.update(step=step, split="eval")
+        return rec
+
+    def save(self, step: int) -> None:
+        path = self.ckpt.save(step, sharded_state(self.t, True, is_loading=False), self.train_state(step))
+        _log(f"saved checkpoint {path}")
+
+    def run(self) -> int:
+        cfg = self.cfg
+        _Preempted.install()
+        step = self.start_step
+        _log(f"training {cfg.task} ({cfg.loss.type}, layout {cfg.data.layout}) from step {step} to "
+             f"{cfg.train.max_steps}; {self.loader.steps_per_epoch} steps per epoch; world {self.info}")
+        while step < cfg.train.max_steps:
+            rec = self.train_step(step)
+            step += 1
+            if not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])):
+                last = self.ckpt.latest()
+                _log(f"error: non-finite loss {rec['loss']} or grad norm {rec['grad_norm']} at step {step}; "
+                     f"stopping. Last good checkpoint: {last or 'none'}")
+                self.metrics.log(rec)
+                return EXIT_NONFINITE
+            self.metrics.log(rec)
+            if self.log_rank and (step % cfg.logging.interval == 0 or step == cfg.train.max_steps):
+                print(console_line(rec, cfg.train.max_steps), flush=True)
+            if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+                self._eval_and_log(step)
+            preempted = _agree(_Preempted.flag, self.device)
+            exiting = bool(cfg.train.exit_interval and step % cfg.train.exit_interval == 0 and step < cfg.train.max_steps)
+            if preempted or exiting or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
+                self.save(step)
+            if preempted or exiting:
+                _log(f"{'preempted' if preempted else 'train.exit_interval'}: saved at step {step}, exiting")
+                self.metrics.close()
+                return 0
+        if cfg.train.eval_interval == 0 or step % cfg.train.eval_interval:
+            self._eval_and_log(step)
+        if cfg.checkpoint.save_at_end and (not cfg.checkpoint.interval or step % cfg.checkpoint.interval):
+            self.save(step)
+        self.metrics.close()
+        return 0
+
+    def _eval_and_log(self, step: int) -> None:
+        rec = self.evaluate(step)
+        if rec is not None:
+            self.metrics.log(rec)
+            if self.log_rank:
+                print(f"eval  step {step}: loss {rec['loss']:.4f} | accuracy {rec.get('accuracy', float('nan')):.3f}"
+                      f" | margin {rec.get('margin', float('nan')):.3f} | pairs {rec['pairs']:.0f}", flush=True)
+
+
+def _allsum(value: float, device: torch.device) -> float:
+    if not dist.is_initialized():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def _model_fields(saved: dict) -> dict:
+    names = set(ModelConfig.__dataclass_fields__)
+    out = {k: v for k, v in saved.items() if k in names}
+    if isinstance(out.get("rope_scaling"), dict):
+        from megatron_prefix.model.config import RopeScaling
+
+        out["rope_scaling"] = RopeScaling(**out["rope_scaling"])
+    return out
+
+
+def main(argv: list[str], task: str) -> int:
+    """Entry point: returns the process exit code."""
+    try:
+        cfg = parse_config(argv, task)
+        run = Run(cfg)
+    except ValueError as err:
+        print(f"train_{task}: config error: {err}", file=sys.stderr)
+        return 2
+    code = run.run()
+    if dist.is_initialized():
+        dist.barrier()
+    return code
