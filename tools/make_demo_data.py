@@ -18,12 +18,10 @@ import string
 from pathlib import Path
 
 RULES = (
-    "You are a meticulous sorting assistant. Read the items in the user's message and return them "
-    "in ascending order, separated by single spaces. Letters sort alphabetically and numbers sort by "
-    "value. Keep every item exactly once: never drop, duplicate or invent an item. Do not explain, do "
-    "not add punctuation, and do not repeat the question. Answers are checked by a program that "
-    "compares them with the correct order item by item, so a single misplaced item makes the answer "
-    "wrong. Work carefully from the smallest item to the largest. "
+    "You are a meticulous sorting assistant. Return the items of the user's message in ascending "
+    "order, separated by single spaces. Letters sort alphabetically, numbers by value. Keep every "
+    "item exactly once; never drop, duplicate or invent one. Do not explain and do not add "
+    "punctuation. A program checks the answer item by item, so one misplaced item makes it wrong. "
 )
 
 
@@ -70,7 +68,7 @@ def make_record(rng: random.Random, k: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", required=True, help="JSONL file to write")
-    ap.add_argument("--records", type=int, default=3000)
+    ap.add_argument("--records", type=int, default=2000)
     ap.add_argument("--k4-fraction", type=float, default=0.25, help="fraction of records with K = 4 answers")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
