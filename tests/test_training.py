@@ -101,15 +101,25 @@ def test_parallel_layouts_match_one_process(tmp_path, data, layout):
 
 
 @pytest.mark.dist
-def test_resharding_save_tp2_resume_tp1(tmp_path, data):
+def test_resharding_save_tp2_resume_tp1_and_pp2(tmp_path, data):
+    """Save at TP=2, resume at TP=1 and at PP=2 (tied embeddings: the shared weight crosses stages)."""
+    import shutil
+
+    tied = "model.tie_word_embeddings=true"
     recipe = th.write_recipe(tmp_path / "r.yaml", data, tmp_path / "run", train={"max_steps": 6})
-    th.train(recipe, ["parallel.tp=2", "train.exit_interval=3"], nproc=2)
+    th.train(recipe, ["parallel.tp=2", "train.exit_interval=3", tied], nproc=2)
     assert (tmp_path / "run" / LATEST).read_text().strip() == "iter_0000003"
-    out = th.train(recipe)  # same run dir, one process: resumes at TP=1
-    assert "resumed from" in out
-    th.train(recipe, [f"checkpoint.dir={tmp_path / 'tp1'}"])
-    for a, b in zip(th.metrics(tmp_path / "run"), th.metrics(tmp_path / "tp1")):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
+    shutil.copytree(tmp_path / "run", tmp_path / "run_pp")
+    assert "resumed from" in th.train(recipe, [tied])  # same run dir, one process: resumes at TP=1
+    assert "resumed from" in th.train(recipe, [tied, "parallel.pp=2", f"checkpoint.dir={tmp_path / 'run_pp'}"],
+                                      nproc=2)
+    th.train(recipe, [tied, f"checkpoint.dir={tmp_path / 'tp1'}"])
+    reference = th.metrics(tmp_path / "tp1")
+    for resumed in ("run", "run_pp"):
+        got = th.metrics(tmp_path / resumed)
+        assert [r["step"] for r in got] == [r["step"] for r in reference]
+        for a, b in zip(got, reference):
+            assert abs(a["loss"] - b["loss"]) <= 1e-5, (resumed, a["step"], a["loss"], b["loss"])
 
 
 def test_config_errors_name_the_field(tmp_path):

@@ -219,9 +219,49 @@ def patch_type_checks() -> None:
     _wrap_init(fp16_opt)
 
 
+class _UninitialisedDistTorch:
+    """``torch`` for one call: forwards everything, but ``distributed.is_initialized()`` is False."""
+
+    def __init__(self, real: Any):
+        self._real = real
+        self.distributed = type("_Dist", (), {"is_initialized": staticmethod(lambda: False)})()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def patch_tied_embedding_sync() -> None:
+    """Tied embeddings at PP > 1: megatron copies the shared weight with ``weight.data.cuda()`` (a Tensor
+    method, out of reach of the module proxy) before all-reducing it between the first and last stage.
+    On CPU we run the stock method with that block skipped, then do the same all-reduce on CPU."""
+    why = "setup_embeddings_and_output_layer moves the shared embedding weight with Tensor.cuda()"
+    cls = require("megatron.core.models.common.language_module.language_module", "LanguageModule", why)
+    module = require_module("megatron.core.models.common.language_module.language_module", why)
+    original = cls.setup_embeddings_and_output_layer
+    for name in ("_is_in_embd_group", "shared_embedding_or_output_weight"):
+        require("megatron.core.models.common.language_module.language_module", f"LanguageModule.{name}", why)
+    if getattr(original, MARK, False):
+        return
+
+    @functools.wraps(original)
+    def setup_embeddings_and_output_layer(self: Any) -> None:
+        printed = getattr(cls, "embedding_warning_printed", False)
+        module.torch, cls.embedding_warning_printed = _UninitialisedDistTorch(torch), True
+        try:
+            original(self)
+        finally:
+            module.torch, cls.embedding_warning_printed = torch, printed
+        if torch.distributed.is_initialized() and self._is_in_embd_group():
+            weight = self.shared_embedding_or_output_weight()
+            torch.distributed.all_reduce(weight.data, group=self.embd_group)
+
+    cls.setup_embeddings_and_output_layer = _marked(setup_embeddings_and_output_layer)
+
+
 def apply_cpu_accommodations() -> None:
     """Apply all CPU accommodations (each pinned; idempotent)."""
     for module_name in PROXIED:
         proxy_torch_in(module_name)
     patch_rng_state()
     patch_type_checks()
+    patch_tied_embedding_sync()

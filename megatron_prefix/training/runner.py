@@ -177,12 +177,17 @@ class Run:
 
     def _load(self, path: Path, with_optimizer: bool, resume: bool) -> int:
         state_info = CheckpointManager.read_train_state(path)
+        # a reward model started from a language model's checkpoint keeps its fresh scalar head
+        without_head = self.cfg.task == "rm" and state_info.get("task", "dpo") != "rm" and not resume
+        if without_head and with_optimizer:
+            raise ValueError("checkpoint.load_optimizer: set it false to start a reward model from an LM checkpoint")
         same_world = state_info.get("world") == {"tp": self.info.tp_size, "pp": self.info.pp_size,
                                                  "cp": self.info.cp_size, "dp": self.info.dp_size}
         state, info = CheckpointManager.load(
-            path, lambda: sharded_state(self.t, with_optimizer, is_loading=True), restore_rng=resume and same_world
+            path, lambda: sharded_state(self.t, with_optimizer, is_loading=True, without_head=without_head),
+            restore_rng=resume and same_world,
         )
-        load_state(self.t, state)
+        load_state(self.t, state, without_head=without_head)
         if resume:
             self.t.scheduler.load_state_dict(info["scheduler"])
             _log(f"resumed from {path} at step {info['step']}")

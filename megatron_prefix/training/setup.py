@@ -131,9 +131,18 @@ def build_trainable(cfg: TrainConfig, model_cfg: ModelConfig, cuda: bool, seed_f
     return Trainable(ddp, optimizer, scheduler, tc, model_cfg)
 
 
-def sharded_state(t: Trainable, with_optimizer: bool, is_loading: bool) -> dict:
-    """The dist_checkpointing structure of the model (and optimizer) of this rank."""
+HEAD_PREFIX = "output_layer."
+
+
+def sharded_state(t: Trainable, with_optimizer: bool, is_loading: bool, without_head: bool = False) -> dict:
+    """The dist_checkpointing structure of the model (and optimizer) of this rank.
+
+    ``without_head`` leaves the output layer out (a reward model starting from a language model's
+    checkpoint keeps its freshly initialised scalar head).
+    """
     model_sd = t.core.sharded_state_dict()
+    if without_head:
+        model_sd = {k: v for k, v in model_sd.items() if not k.startswith(HEAD_PREFIX)}
     state = {"model": model_sd}
     if with_optimizer:
         metadata = DISTRIB_OPTIM_METADATA if _is_distrib(t) else None
@@ -148,8 +157,12 @@ def _is_distrib(t: Trainable) -> bool:
     return any(isinstance(o, DistributedOptimizer) for o in opts)
 
 
-def load_state(t: Trainable, state: dict) -> None:
+def load_state(t: Trainable, state: dict, without_head: bool = False) -> None:
     """Put a loaded dist_checkpointing state into the model (and optimizer when present)."""
-    t.core.load_state_dict(state["model"], strict=True)
+    missing, unexpected = t.core.load_state_dict(state["model"], strict=False)
+    missing = [k for k in missing if not (without_head and k.startswith(HEAD_PREFIX))]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint.load: the checkpoint does not match the model: missing {missing}, "
+                         f"unexpected {unexpected}")
     if "optimizer" in state:
         t.optimizer.load_state_dict(state["optimizer"])
