@@ -32,11 +32,11 @@ def build_demo_dataset(out: Path, records: int = 160, seed: int = 0) -> Path:
     return out
 
 
-def write_recipe(path: Path, data: Path, run_dir: Path, **sections) -> Path:
+def write_recipe(path: Path, dataset: Path, run_dir: Path, **sections) -> Path:
     """A tiny DPO recipe; ``sections`` replace top-level sections (dicts are merged)."""
     recipe = {
         "model": dict(TINY_MODEL),
-        "data": {"path": str(data), "pack_tokens": 2048, "global_batch_units": 16, "eval_fraction": 0.0},
+        "data": {"path": str(dataset), "pack_tokens": 2048, "global_batch_units": 16, "eval_fraction": 0.0},
         "optimizer": {"lr": 2.0e-3, "min_lr": 2.0e-4, "clip_grad": 1.0},
         "schedule": {"warmup_steps": 2, "decay_style": "cosine"},
         "loss": {"type": "sigmoid", "beta": 0.1},
