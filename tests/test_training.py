@@ -152,3 +152,13 @@ def test_unknown_override_is_an_error(tmp_path, data):
     recipe = th.write_recipe(tmp_path / "r.yaml", data, tmp_path / "run")
     out = th.train(recipe, ["train.max_stpes=3"], expect_rc=2)
     assert "train.max_stpes" in out
+
+
+def test_reference_cache_is_refused_for_another_reference(tmp_path, data):
+    recipe = th.write_recipe(tmp_path / "r.yaml", data, tmp_path / "a", train={"max_steps": 1},
+                             reference={"mode": "precompute", "path": str(tmp_path / "ref")})
+    th.train(recipe)
+    assert (tmp_path / "ref" / "key.json").is_file()
+    # another reference model (a different init) with the same explicit cache: refused, naming the field
+    out = th.train(recipe, ["model.init_method_std=0.07", f"checkpoint.dir={tmp_path / 'b'}"], expect_rc=2)
+    assert "reference.path" in out and "another dataset or reference model" in out

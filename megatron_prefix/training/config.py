@@ -115,7 +115,7 @@ class ReferenceConfig:
     """``reference.*``: where DPO's reference log-probs come from."""
 
     mode: str = "precompute"  # precompute | online | none
-    path: str | None = None  # precompute cache dir; default <data.path>/reference
+    path: str | None = None  # precompute cache dir; default <data.path>/reference/<hash of dataset + reference>
 
     def validate(self) -> None:
         modes = ("precompute", "online", "none")

@@ -3,15 +3,17 @@
 ``reference.mode: precompute`` (default) runs a forward-only pass of the *initial* policy (the
 reference) over every unit of the dataset before training and stores one float per response::
 
-    <reference.path or <data.path>/reference>/
+    <reference.path, or <data.path>/reference/<hash of the key>>/
         logps.npy     float64 [R] in the dataset's response order (unit u's responses at
                       resp_offsets[u] .. resp_offsets[u+1])
         done.npy      bool [U]: units already computed (the pass resumes where it stopped)
         key.json      what the values depend on: the dataset (meta.json digest, unit count) and the
                       reference (model config, initial checkpoint and its step, or the init seed)
 
-A cache whose key differs from the run's is refused with an error naming both, so a changed dataset or
-reference checkpoint never silently reuses stale values. Training then needs no reference model.
+By default every (dataset, reference) pair gets its own directory, named by a hash of the key; an explicit
+``reference.path`` whose key differs from the run's is refused with an error naming both. Either way a
+changed dataset or reference checkpoint never silently reuses stale values. Training then needs no
+reference model.
 """
 
 from __future__ import annotations

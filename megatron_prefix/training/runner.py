@@ -213,13 +213,17 @@ class Run:
         load = self.cfg.checkpoint.load
         ref = {"checkpoint": str(resolve(load)) if load else None, "init_seed": None if load else self.cfg.train.seed}
         if load:
-            ref["checkpoint_step"] = CheckpointManager.read_train_state(resolve(load)).get("step")
+            path = resolve(load)
+            ref["checkpoint_step"] = CheckpointManager.read_train_state(path).get("step")
+            ref["checkpoint_files"] = _fingerprint(path)
         return {"dataset": dataset_digest(self.dataset), "units": len(self.dataset),
                 "model": asdict(self.model_cfg), "reference": ref}
 
     def _precompute_reference(self) -> None:
-        root = self.cfg.reference.path or str(Path(self.cfg.data.path) / "reference")
-        self.ref_cache = ReferenceCache(root, self.dataset, self._reference_key())
+        key = self._reference_key()
+        # default: one cache per (dataset, reference) under the dataset; an explicit path is checked
+        root = self.cfg.reference.path or str(Path(self.cfg.data.path) / "reference" / _digest(key)[:16])
+        self.ref_cache = ReferenceCache(root, self.dataset, key)
         if self.ref_cache.is_complete():
             self.ref_cache.check_key()
             return
@@ -362,6 +366,20 @@ def _allsum(value: float, device: torch.device) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())
+
+
+def _digest(obj: dict) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _fingerprint(path: Path) -> str:
+    """Names, sizes and mtimes of a checkpoint's files: changes whenever it is rewritten."""
+    entries = sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in path.rglob("*") if p.is_file())
+    return _digest({"files": entries})
 
 
 def _model_fields(saved: dict) -> dict:
