@@ -7,7 +7,12 @@ Also runs as a plain ``python launch/train_dpo.py ...`` (one process). See megat
 """
 
 import sys
+import warnings
 from pathlib import Path
+
+# megatron-core warns at import that apex / Transformer Engine are absent (expected on CPU): say it once
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*(not installed|Falling back).*")
+warnings.filterwarnings("ignore", message=r".*cuda_graph_scope.*")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
