@@ -127,25 +127,6 @@ def shared_logps(model, rows, control: str, tp_group):
     return torch.cat(out)
 
 
-def alone_logps(ref_model, units, device, tp_group):
-    """Per-response log-probs of each ``prompt + response`` run alone through the stock model."""
-    import torch
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    out = []
-    for u in units:
-        p = u.prompt_len
-        for i in range(u.k):
-            seq = torch.from_numpy(u.unshared_sequence(i)).long().to(device)[None]
-            n = seq.shape[1]
-            causal_mask = torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), 1)[None, None]
-            logits_bsv = ref_model(seq, torch.arange(n, device=device)[None], causal_mask)
-            logits_bsv = gather_from_tensor_model_parallel_region(logits_bsv, group=tp_group)
-            logp = torch.log_softmax(logits_bsv[0].float(), dim=-1)
-            out.append(logp[p - 1 : n - 1].gather(1, seq[0, p:, None]).sum())
-    return torch.stack(out)
-
-
 def run(args) -> int:
     import torch
     from megatron.core import parallel_state as ps
@@ -153,6 +134,7 @@ def run(args) -> int:
     from megatron_prefix.attention.backends import AttentionConfig
     from megatron_prefix.model.config import ModelConfig
     from megatron_prefix.model.spec import build_model, build_reference_model
+    from megatron_prefix.model.unshared import unshared_logps
     from megatron_prefix.parallel import init_parallel
 
     info = init_parallel(args.tp, 1, 1, seed=args.seed)
@@ -179,7 +161,7 @@ def run(args) -> int:
     tp_group = ps.get_tensor_model_parallel_group()
     with torch.no_grad():
         shared = shared_logps(model, rows, args.control, tp_group).cpu()
-        alone = alone_logps(ref, units, info.device, tp_group).cpu()
+        alone = unshared_logps(ref, units, tp_group).cpu()
     abs_diff = (shared - alone).abs()
     rel_diff = abs_diff / alone.abs().clamp(min=1e-6)
     ok = bool(abs_diff.max() <= args.tolerance)

@@ -23,6 +23,7 @@ from megatron_prefix.data.row import PackedRow, pack_row
 from megatron_prefix.data.unit import Unit
 from megatron_prefix.model.batch import MicroBatch
 from megatron_prefix.model.config import ModelConfig
+from megatron_prefix.model.unshared import unshared_logps
 from megatron_prefix.model.logprobs import ResponseLogprobs, response_logprobs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,15 +165,4 @@ def shared_logps(model, rows: list[PackedRow], cp_size: int = 1, cp_rank: int = 
 
 def reference_logps(ref_model, units: list[Unit]) -> torch.Tensor:
     """[R] log-prob of every response of ``units`` (unit order, response order), each run alone."""
-    device = next(ref_model.parameters()).device
-    out = []
-    for u in units:
-        p = u.prompt_len
-        for i in range(u.k):
-            seq = torch.from_numpy(u.unshared_sequence(i)).long().to(device)[None]
-            n = seq.shape[1]
-            causal_mask = torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), 1)[None, None]  # True = masked
-            logits_bsv = ref_model(seq, torch.arange(n, device=device)[None], causal_mask)
-            logp = torch.log_softmax(logits_bsv[0].float(), dim=-1)
-            out.append(logp[p - 1 : n - 1].gather(1, seq[0, p:, None]).sum())
-    return torch.stack(out)
+    return unshared_logps(ref_model, units)
