@@ -162,3 +162,15 @@ def test_reference_cache_is_refused_for_another_reference(tmp_path, data):
     # another reference model (a different init) with the same explicit cache: refused, naming the field
     out = th.train(recipe, ["model.init_method_std=0.07", f"checkpoint.dir={tmp_path / 'b'}"], expect_rc=2)
     assert "reference.path" in out and "another dataset or reference model" in out
+
+
+def test_online_reference_matches_precomputed(tmp_path, data):
+    """A frozen copy of the initial policy in the same step gives the precomputed reference's losses."""
+    recipe = th.write_recipe(tmp_path / "r.yaml", data, tmp_path / "pre", train={"max_steps": 3})
+    th.train(recipe)
+    th.train(recipe, ["reference.mode=online", f"checkpoint.dir={tmp_path / 'online'}"])
+    pre, online = th.metrics(tmp_path / "pre"), th.metrics(tmp_path / "online")
+    assert len(pre) == len(online) == 3
+    for a, b in zip(pre, online):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
+        assert abs(a["ref_chosen_logps"] - b["ref_chosen_logps"]) <= 1e-4
