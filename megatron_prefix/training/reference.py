@@ -41,6 +41,18 @@ def dataset_digest(dataset: PreferenceDataset) -> str:
     return h.hexdigest()
 
 
+def key_digest(key: dict) -> str:
+    """sha256 of a cache key (canonical JSON)."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def checkpoint_fingerprint(path: Path) -> str:
+    """Names, sizes and mtimes of a checkpoint's files: changes whenever it is rewritten in place."""
+    entries = sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in Path(path).rglob("*") if p.is_file())
+    return key_digest({"files": entries})
+
+
 class ReferenceCache:
     """Per-response reference log-probs of one dataset under one reference model."""
 

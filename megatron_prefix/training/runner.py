@@ -34,7 +34,9 @@ from megatron_prefix.training.checkpoint import CheckpointManager, resolve
 from megatron_prefix.training.config import TrainConfig
 from megatron_prefix.training.loader import StepLoader, eval_rows
 from megatron_prefix.training.metrics import MetricsLogger, console_line
-from megatron_prefix.training.reference import ReferenceCache, dataset_digest, precompute
+from megatron_prefix.training.reference import (
+    ReferenceCache, checkpoint_fingerprint, dataset_digest, key_digest, precompute,
+)
 from megatron_prefix.training.setup import build_stage, build_trainable, load_state, sharded_state
 from megatron_prefix.training.step import (
     StepContext, logprob_collector, loss_func, make_microbatches, reduce_report, response_positions, run_schedule,
@@ -215,14 +217,14 @@ class Run:
         if load:
             path = resolve(load)
             ref["checkpoint_step"] = CheckpointManager.read_train_state(path).get("step")
-            ref["checkpoint_files"] = _fingerprint(path)
+            ref["checkpoint_files"] = checkpoint_fingerprint(path)
         return {"dataset": dataset_digest(self.dataset), "units": len(self.dataset),
                 "model": asdict(self.model_cfg), "reference": ref}
 
     def _precompute_reference(self) -> None:
         key = self._reference_key()
         # default: one cache per (dataset, reference) under the dataset; an explicit path is checked
-        root = self.cfg.reference.path or str(Path(self.cfg.data.path) / "reference" / _digest(key)[:16])
+        root = self.cfg.reference.path or str(Path(self.cfg.data.path) / "reference" / key_digest(key)[:16])
         self.ref_cache = ReferenceCache(root, self.dataset, key)
         if self.ref_cache.is_complete():
             self.ref_cache.check_key()
@@ -366,20 +368,6 @@ def _allsum(value: float, device: torch.device) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())
-
-
-def _digest(obj: dict) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def _fingerprint(path: Path) -> str:
-    """Names, sizes and mtimes of a checkpoint's files: changes whenever it is rewritten."""
-    entries = sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
-                     for p in path.rglob("*") if p.is_file())
-    return _digest({"files": entries})
 
 
 def _model_fields(saved: dict) -> dict:
