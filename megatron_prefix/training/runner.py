@@ -32,6 +32,7 @@ from megatron_prefix.parallel import init_parallel, seed_everything
 from megatron_prefix.training import flops
 from megatron_prefix.training.checkpoint import CheckpointManager, resolve
 from megatron_prefix.training.config import TrainConfig
+from megatron_prefix.training.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR
 from megatron_prefix.training.loader import StepLoader, eval_rows
 from megatron_prefix.training.metrics import MetricsLogger, console_line
 from megatron_prefix.training.reference import (
@@ -41,8 +42,6 @@ from megatron_prefix.training.setup import build_stage, build_trainable, load_st
 from megatron_prefix.training.step import (
     StepContext, logprob_collector, loss_func, make_microbatches, reduce_report, response_positions, run_schedule,
 )
-
-EXIT_NONFINITE = 3
 
 
 class _Preempted:
@@ -345,7 +344,7 @@ class Run:
             if preempted or exiting:
                 _log(f"{'preempted' if preempted else 'train.exit_interval'}: saved at step {step}, exiting")
                 self.metrics.close()
-                return 0
+                return EXIT_PREEMPTED if preempted else EXIT_OK
         if cfg.train.eval_interval == 0 or step % cfg.train.eval_interval:
             self._eval_and_log(step)
         if cfg.checkpoint.save_at_end and (not cfg.checkpoint.interval or step % cfg.checkpoint.interval):
@@ -387,7 +386,7 @@ def main(argv: list[str], task: str) -> int:
         run = Run(cfg)
     except ValueError as err:
         print(f"train_{task}: config error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     code = run.run()
     if dist.is_initialized():
         dist.barrier()
