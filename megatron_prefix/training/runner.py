@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_prefix.config import apply_overrides, from_dict, load_yaml
+from megatron_prefix.config import ConfigError, apply_overrides, collect_errors, dump_yaml, from_dict, load_yaml
 from megatron_prefix.data.dataset import PreferenceDataset
 from megatron_prefix.model.config import ModelConfig
 from megatron_prefix.parallel import init_parallel, seed_everything
@@ -59,21 +59,40 @@ class _Preempted:
 
 
 def parse_config(argv: list[str], task: str) -> TrainConfig:
-    """``--config FILE`` plus ``a.b=c`` overrides -> ``TrainConfig`` (not yet validated)."""
+    """``--config FILE`` plus ``a.b=c`` overrides -> a validated ``TrainConfig`` for this world and device.
+
+    Raises ``ConfigError`` listing every error of the recipe (wrong types and broken rules) at once."""
     ap = argparse.ArgumentParser(prog=f"train_{task}", description=__doc__)
     ap.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 parallel.tp=2")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the resolved, validated config as YAML and exit (nothing is built)")
     args = ap.parse_args(argv)
     data = load_yaml(args.config)
     apply_overrides(data, args.overrides)
     if data.setdefault("task", task) != task:
         raise ValueError(f"task: the recipe says {data['task']!r} but this launcher trains {task!r}")
     hf = (data.get("model") or {}).pop("hf_config", None)
-    cfg = from_dict(TrainConfig, data)
+    errors: list[str] = []
+    cfg = from_dict(TrainConfig, data, errors=errors)  # wrong types are reported, the field keeps its default
     if hf:
         cfg.model = ModelConfig.from_hf_config(hf)
     cfg.model_source = hf  # not a dataclass field: where the architecture came from (None: the recipe)
+    try:  # every error of the recipe at once: types first, then the rules
+        with collect_errors():
+            cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")), cuda=torch.cuda.is_available())
+    except ConfigError as err:
+        errors += [m for m in err.messages if m.split(":", 1)[0] not in {e.split(":", 1)[0] for e in errors}]
+    if errors:
+        raise ConfigError(errors)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        raise _PrintedConfig
     return cfg
+
+
+class _PrintedConfig(Exception):
+    """``--print-config`` printed the config: exit 0 without building anything."""
 
 
 def _log(msg: str) -> None:
@@ -97,7 +116,8 @@ class Run:
         self.cfg = cfg
         self.cuda = torch.cuda.is_available() and cfg.resolved_device(torch.cuda.is_available()) == "cuda"
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        cfg.validate(world_size=world, cuda=torch.cuda.is_available())
+        with collect_errors():
+            cfg.validate(world_size=world, cuda=torch.cuda.is_available())
         p = cfg.parallel
         self.info = init_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.train.seed)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
@@ -384,8 +404,13 @@ def main(argv: list[str], task: str) -> int:
     try:
         cfg = parse_config(argv, task)
         run = Run(cfg)
+    except _PrintedConfig:
+        return EXIT_OK
     except ValueError as err:
-        print(f"train_{task}: config error: {err}", file=sys.stderr)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            lines = str(err).splitlines() or [repr(err)]
+            head = "config error" if len(lines) == 1 else f"{len(lines)} config errors"
+            print(f"train_{task}: {head}:", *(f"  {line}" for line in lines), sep="\n", file=sys.stderr)
         return EXIT_USER_ERROR
     code = run.run()
     if dist.is_initialized():
