@@ -124,3 +124,18 @@ def test_docs_config_is_current():
     for line in text.splitlines():
         if line.startswith("| `"):
             assert line.count("|") >= 5, line
+
+
+def test_plot_metrics_draws_lr_grad_norm_and_throughput(tmp_path):
+    import json
+
+    pytest.importorskip("matplotlib")
+    from tools.plot_metrics import PANELS, plot
+
+    recs = [{"step": s, "loss": 1.0 / s, "margin": 0.1 * s, "accuracy": 0.5, "lr": 1e-3 * s, "grad_norm": 2.0,
+             "tokens_per_s": 100.0 + s} for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert {"lr", "grad_norm", "tokens_per_s"} <= {k for k, _ in PANELS}
+    out = tmp_path / "curves.png"
+    plot({"run": recs}, out)
+    assert out.stat().st_size > 10_000

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Draw loss / reward margin / accuracy curves of one or more runs to a PNG.
+"""Draw loss, reward margin, accuracy, learning rate, grad norm and throughput of one or more runs to a PNG.
 
     python tools/plot_metrics.py RUN_DIR_OR_METRICS_JSONL [...] --output curves.png [--labels a b]
 
@@ -14,7 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-PANELS = (("loss", "loss"), ("margin", "reward margin"), ("accuracy", "accuracy"))
+PANELS = (("loss", "loss"), ("margin", "reward margin"), ("accuracy", "accuracy"),
+          ("lr", "learning rate"), ("grad_norm", "grad norm"), ("tokens_per_s", "throughput (tokens/s)"))
+COLUMNS = 3
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -34,7 +36,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot(runs: dict[str, list[dict]], output: str | Path) -> None:
-    """Write the three-panel figure for ``runs`` (label -> records)."""
+    """Write the figure for ``runs`` (label -> records): one panel per metric in ``PANELS``."""
     try:
         import matplotlib
 
@@ -42,7 +44,9 @@ def plot(runs: dict[str, list[dict]], output: str | Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise SystemExit("plot_metrics: needs matplotlib (pip install matplotlib)") from err
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
+    rows = -(-len(PANELS) // COLUMNS)
+    fig, grid = plt.subplots(rows, COLUMNS, figsize=(5 * COLUMNS, 3.4 * rows), squeeze=False)
+    axes = list(grid.flat)
     for ax, (key, title) in zip(axes, PANELS):
         for label, recs in runs.items():
             train = [(r["step"], r[key]) for r in recs if r.get("split", "train") == "train" and key in r]
@@ -59,6 +63,11 @@ def plot(runs: dict[str, list[dict]], output: str | Path) -> None:
         ax.grid(alpha=0.3)
         if key == "accuracy":
             ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
+        if key == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        if not ax.lines:
+            ax.text(0.5, 0.5, f"no {key} in these runs", ha="center", va="center", transform=ax.transAxes,
+                    color="gray")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     Path(output).parent.mkdir(parents=True, exist_ok=True)
