@@ -17,6 +17,7 @@ import json
 import multiprocessing as mp
 from collections import deque
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -111,6 +112,8 @@ def _file_digest(path: str) -> str:
 def build_dataset(cfg: BuildConfig, log: Callable[[str], None] = print) -> dict:
     """Build the dataset described by ``cfg``; returns the ``stats.json`` dict."""
     cfg.validate()
+    if cfg.units.template_date is None:  # pinned and recorded in meta.json: a rebuild with it is identical
+        cfg.units.template_date = datetime.now(timezone.utc).date().isoformat()
     tokenizer = load_tokenizer(cfg.tokenizer)
     field_map = parse_field_map(cfg.field_map) if cfg.field_map else None
     out = Path(cfg.output)
