@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Build a prefix-shared preference dataset from JSONL / JSON / gzip preference files.
+"""Build a prefix-shared preference dataset from JSONL / JSON / gzip, Parquet or Arrow preference files.
 
     python tools/build_dataset.py --input FILE [FILE ...] --tokenizer byte|SP.model|HF_DIR --output DIR \\
-        [--format auto|pair|transcript|sharegpt|ranked] [--field-map chosen=pos,rejected=neg] \\
+        [--format auto|pair|transcript|sharegpt|ranked|alpaca|swift] [--field-map chosen=pos,rejected=neg] \\
         [--max-unit-tokens 4096] [--pack-tokens 8192] [--max-responses-per-unit 8] [--workers N] \\
         [--date YYYY-MM-DD]
 
@@ -26,7 +26,12 @@ from megatron_prefix.data.units import UnitConfig  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", nargs="+", required=True, help="preference files (.jsonl, .json, optionally .gz)")
+    ap.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="preference files (.jsonl/.json, optionally .gz; .parquet; .arrow) or datasets folders",
+    )
     ap.add_argument("--tokenizer", required=True, help="'byte', a sentencepiece .model, or a HF tokenizer dir")
     ap.add_argument("--output", required=True, help="dataset directory to write")
     ap.add_argument("--format", default="auto", help="auto (detect from the first record) or a format name")
