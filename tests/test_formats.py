@@ -230,3 +230,40 @@ def test_undetectable_file_names_the_cli_flags(tmp_path):
         read([odd])
     with pytest.raises(ValueError, match="--field-map key 'question'"):
         read([odd], field_map={"question": "prompt"})
+
+
+def test_files_written_by_hf_datasets(tmp_path):
+    """``Dataset.to_parquet``, ``save_to_disk`` (2 shards) and a ``DatasetDict`` folder, by ``datasets`` itself."""
+    datasets = pytest.importorskip("datasets")
+    rows = [uf_row(i) for i in range(20)]
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "uf.parquet"))
+    ds.save_to_disk(str(tmp_path / "disk"), num_shards=2)
+    datasets.DatasetDict({"train_prefs": ds, "test_prefs": ds.select(range(3))}).save_to_disk(
+        str(tmp_path / "dd")
+    )
+    want = [(r["chosen"][-1]["content"], r["rejected"][-1]["content"]) for r in rows]
+    for path in (tmp_path / "uf.parquet", tmp_path / "disk", tmp_path / "dd" / "train_prefs"):
+        recs, skips = read([path])
+        assert not skips and [r.responses for r in recs] == want, path
+    assert len({r.source for r in read([tmp_path / "disk"])[0]}) == 2  # both shards, in state.json's order
+    with pytest.raises(ValueError, match="train_prefs"):
+        read([tmp_path / "dd"])
+
+
+def test_parquet_is_streamed_by_row_group(tmp_path):
+    """Arrow memory while reading stays at about one row group, whatever the file size."""
+    row = uf_row(1)
+    peaks = []
+    for groups in (2, 20):
+        path = tmp_path / f"g{groups}.parquet"
+        table = pa.Table.from_pylist([row] * (500 * groups))
+        pq.write_table(table, path, row_group_size=500)
+        del table
+        base, peak, n = pa.total_allocated_bytes(), 0, 0
+        for _ in open_records([path], log=lambda _: None):
+            n += 1
+            peak = max(peak, pa.total_allocated_bytes() - base)
+        assert n == 500 * groups
+        peaks.append(peak)
+    assert peaks[1] < 2 * peaks[0] + 100_000, peaks
