@@ -71,6 +71,17 @@ def test_chat_byte_multi_turn(system):
         assert u.unshared_sequence(i).tolist() == b(p) + b(full[len(p) :]) + [EOS]
 
 
+def test_chat_plain_template_sentencepiece_one_bos_and_eos():
+    """The plain template writes no BOS/end-of-turn: the tokenizer's BOS is added and EOS appended."""
+    tok = load_tokenizer(str(cached_sentencepiece()))
+    [u] = UnitBuilder(tok).build(rec([("user", "Hi")], ["Hey", "Go away"], [1, 0]))
+    p = plain([("user", "Hi")], True)
+    assert u.prompt_ids.tolist() == tok.encode(p, True) and u.prompt_ids[0] == tok.bos_id
+    joint = tok.encode(plain([("user", "Hi"), ("assistant", "Hey")], False), True)
+    assert u.response_ids[0].tolist() == joint[u.prompt_len :] + [tok.eos_id]
+    assert int(np.sum(u.tokens() == tok.bos_id)) == 1
+
+
 def test_chat_chatml_no_eos_after_turn_end():
     tok = load_tokenizer(str(cached_hf_chatml()))
     msgs = [("user", "Hi"), ("assistant", "Hello!"), ("user", "2+2?")]

@@ -11,8 +11,8 @@ of the tokenized prompt + response (joint tokenization, sliced at the prompt's l
   render_chat(prompt + [assistant: response_i], add_generation_prompt=False)``; both are tokenized *without*
   special tokens (no BOS added: a template writes its own); ``response_ids = encode(full_i)[len(prompt_ids):]``
   and no EOS is appended (the template's end-of-turn text ends the response), except with the plain template
-  (a tokenizer without a template of its own, which TRL refuses), which has no end-of-turn token: there
-  EOS is appended. A ``full_i`` that does not
+  (a tokenizer without a template of its own, which TRL refuses), which writes no BOS and no end-of-turn
+  token: there the tokenizer's BOS is added (as for raw text) and EOS is appended. A ``full_i`` that does not
   start with ``prompt_text`` skips the record (``template_prefix_mismatch``; TRL warns and slices anyway).
 
 Where the joint ids do not start with ``prompt_ids`` (a token merged across the boundary), TRL warns and
@@ -127,11 +127,13 @@ def tokenize_record(
                     "template_prefix_mismatch",
                     f"response {i}: the rendered conversation does not start with the rendered prompt",
                 )
-        prompt_ids = tok.encode(prompt_text, add_special=False)
-        fulls = [tok.encode(t, add_special=False) for t in texts]
-        # A tokenizer's own template ends a response with its end-of-turn text: no EOS added (TRL 1.x). The
-        # plain template (no template of the tokenizer's own; TRL would refuse) has none: EOS is appended.
-        ends = [tok.has_chat_template] * len(texts)
+        # A tokenizer's own template writes its BOS and ends a response with its end-of-turn text: no BOS
+        # and no EOS are added (TRL 1.x). The plain template (no template of the tokenizer's own, which TRL
+        # refuses) writes neither: the tokenizer's BOS is added, as for raw text, and EOS is appended.
+        plain = not tok.has_chat_template
+        prompt_ids = tok.encode(prompt_text, add_special=plain)
+        fulls = [tok.encode(t, add_special=plain) for t in texts]
+        ends = [not plain] * len(texts)
     n = len(prompt_ids)
     resp = []
     for full, has_eos in zip(fulls, ends):
