@@ -129,8 +129,8 @@ def parse_pair(obj: Mapping[str, Any], field_map: Mapping[str, str] | None = Non
     chosen, rejected = f.require("chosen"), f.require("rejected")
     names = [f.column("chosen"), f.column("rejected")]
     raw_prompt = f.get("prompt")
-    whole = all(isinstance(v, list) and len(v) >= 2 for v in (chosen, rejected))
-    if raw_prompt is None or (isinstance(raw_prompt, str) and whole):
+    whole = isinstance(chosen, list) and isinstance(rejected, list) and min(len(chosen), len(rejected)) >= 2
+    if raw_prompt is None or (whole and isinstance(raw_prompt, str)):
         if raw_prompt is None and not (isinstance(chosen, list) or isinstance(rejected, list)):
             f.require("prompt")  # raises missing_field
         convs = [parse_messages(v, n) for v, n in zip((chosen, rejected), names)]

@@ -12,6 +12,7 @@ Pure Python: no torch, no megatron.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,6 +32,8 @@ ROLE_ALIASES = {
 MEDIA_FIELDS = ("images", "image", "videos", "video", "audios", "audio")
 MEDIA_PARTS = ("image", "image_url", "input_image", "video", "video_url", "audio", "input_audio")
 MEDIA_PLACEHOLDERS = ("<image>", "<video>", "<audio>")
+_MEDIA_FIELD_SET = frozenset(MEDIA_FIELDS)
+_PLACEHOLDER_RE = re.compile("|".join(re.escape(t) for t in MEDIA_PLACEHOLDERS))
 MEDIA_MESSAGE = "images (and other media) are not supported yet; remove these records or their media"
 
 
@@ -87,9 +90,7 @@ def content_text(value: Any, where: str) -> str:
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
-        raise SkipRecord(
-            "bad_type", f"{where} is a {type_name(value)}, expected a string or a list of parts"
-        )
+        raise SkipRecord("bad_type", f"{where} is a {type_name(value)}, expected a string or a list of parts")
     texts = []
     for i, part in enumerate(value):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -183,6 +184,8 @@ def finish(prompt: Prompt, responses: list[str], scores: list[float], names: lis
 
 def refuse_media(obj: Mapping[str, Any]) -> None:
     """``image_unsupported`` when the raw record names media (a non-empty ``images``, ``image``, ...)."""
+    if _MEDIA_FIELD_SET.isdisjoint(obj):
+        return
     for name in MEDIA_FIELDS:
         value = obj.get(name)
         if value is not None and value != [] and value != "":
@@ -192,7 +195,9 @@ def refuse_media(obj: Mapping[str, Any]) -> None:
 def refuse_placeholders(rec: PreferenceRecord) -> None:
     """``image_unsupported`` when the prompt or a response holds an ``<image>`` (LLaVA/LLaMA-Factory) tag."""
     texts = [rec.prompt] if isinstance(rec.prompt, str) else [m.content for m in rec.prompt]
-    for text in texts + list(rec.responses):
-        for tag in MEDIA_PLACEHOLDERS:
-            if tag in text:
-                raise SkipRecord("image_unsupported", f"a text holds the placeholder {tag}: {MEDIA_MESSAGE}")
+    for text in (*texts, *rec.responses):
+        found = _PLACEHOLDER_RE.search(text)
+        if found:
+            raise SkipRecord(
+                "image_unsupported", f"a text holds the placeholder {found.group()}: {MEDIA_MESSAGE}"
+            )
