@@ -7,6 +7,7 @@ Parquet and Arrow files are written with pyarrow exactly as Hugging Face ``datas
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -267,3 +268,35 @@ def test_parquet_is_streamed_by_row_group(tmp_path):
         assert n == 500 * groups
         peaks.append(peak)
     assert peaks[1] < 2 * peaks[0] + 100_000, peaks
+
+
+def test_real_ultrafeedback_in_the_hub_layout(tmp_path):
+    """The shared UltraFeedback sample (string chosen/rejected), rewritten in the layout of
+    ``HuggingFaceH4/ultrafeedback_binarized`` (whole conversations) as Parquet: the same records, as chats."""
+    from tests.conftest import shared_file
+
+    path = shared_file("ultrafeedback-binarized-1k.jsonl.gz")
+    flat, flat_skips = read([path])
+    rows = []
+    with gzip.open(path, "rt") as fh:
+        raw = [json.loads(line) for line in fh]
+    for r in raw:
+        rows.append(
+            {
+                "prompt": r["prompt"],
+                "chosen": [_u(r["prompt"]), _a(r["chosen"])],
+                "rejected": [_u(r["prompt"]), _a(r["rejected"])],
+                "messages": [_u(r["prompt"]), _a(r["chosen"])],
+                "score_chosen": r["metadata"]["score_chosen"],
+                "score_rejected": r["metadata"]["score_rejected"],
+            }
+        )
+    hub = tmp_path / "data"
+    hub.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:500]), hub / "train_prefs-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[500:]), hub / "train_prefs-00001-of-00002.parquet")
+    chats, chat_skips = read([tmp_path])
+    assert len(chats) == len(flat) == 994
+    assert [s.reason for s in chat_skips] == [s.reason for s in flat_skips] and len(flat_skips) == 6
+    for a, b in zip(flat, chats):
+        assert b.prompt == (Message("user", a.prompt),) and b.responses == a.responses
