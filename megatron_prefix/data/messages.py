@@ -2,10 +2,11 @@
 
 ``Fields`` reads canonical fields through a ``field_map``. Messages accept ``role``/``from`` and
 ``content``/``value``; roles are normalised (``ROLE_ALIASES``, case-insensitive); content is a string or a
-list of text parts (``content_text``). Records with images (an ``images``/``image``/``videos``/``video``
-field, an image part, or an ``<image>`` placeholder in any text) are refused as ``image_unsupported``
-(``refuse_media``): images are not supported yet, and reading such a record as text would train on it
-with the image silently dropped.
+list of text parts (``content_text``). Records with images or other media (a non-empty ``MEDIA_FIELDS``
+field such as ``images``, an image part, an ``<image>`` placeholder in any text) are refused as
+``image_unsupported`` (``refuse_media`` on the raw record, ``content_text``, ``refuse_placeholders`` on the
+parsed one): images are not supported yet, and reading such a record as text would train on it with the
+image silently dropped.
 
 Pure Python: no torch, no megatron.
 """
