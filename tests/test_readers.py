@@ -171,6 +171,11 @@ GOOD = {
         "responses": ["a", "b", "c"],
         "ranks": [1, 0, 2],
     },
+    "alpaca": {"instruction": "Sum:", "input": "2+2", "chosen": "4", "rejected": "5"},
+    "swift": {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "good"}],
+        "rejected_response": "bad",
+    },
 }
 
 
@@ -325,6 +330,25 @@ BAD = [
     ("ranked", "empty_prompt", {"prompt": "", "responses": ["a", "b"], "scores": [1, 2]}),
     ("ranked", "bad_role", {**GOOD["ranked"], "messages": [{"role": "narrator", "content": "x"}]}),
     ("ranked", "bad_prompt", {**GOOD["ranked"], "messages": [_u("a"), _a("b")]}),
+    ("ranked", "image_unsupported", {**GOOD["ranked"], "images": ["cat.png"]}),
+    ("alpaca", "missing_field", {"input": "x", "chosen": "a", "rejected": "b"}),
+    ("alpaca", "bad_type", {**GOOD["alpaca"], "history": [["only one"]]}),
+    ("alpaca", "bad_type", {**GOOD["alpaca"], "chosen": ["a"]}),
+    ("alpaca", "identical_responses", {**GOOD["alpaca"], "rejected": "4"}),
+    ("alpaca", "image_unsupported", {**GOOD["alpaca"], "instruction": "<image>What is it?"}),
+    ("swift", "bad_prompt", {**GOOD["swift"], "messages": [_u("hi")]}),
+    ("swift", "bad_type", {**GOOD["swift"], "rejected_response": {"content": "x"}}),
+    (
+        "swift",
+        "image_unsupported",
+        {
+            **GOOD["swift"],
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]},
+                _a("a cat"),
+            ],
+        },
+    ),
 ]
 
 
@@ -511,7 +535,7 @@ def test_unusable_files(tmp_path):
     with pytest.raises(ValueError, match="nope.jsonl"):
         open_records([tmp_path / "nope.jsonl"])
     good = write_jsonl(tmp_path / "good.jsonl", [GOOD["pair"]])
-    with pytest.raises(ValueError, match="unknown format"):
+    with pytest.raises(ValueError, match="unknown --format"):
         open_records([good], fmt="csv")
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")

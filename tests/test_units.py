@@ -50,7 +50,8 @@ def test_standard_prompt_sentencepiece_single_bos():
     tok = load_tokenizer(str(cached_sentencepiece()))
     [u] = UnitBuilder(tok).build(rec("The quick fox", [" jumps over", "sleeps"], [2, 1]))
     assert u.prompt_ids.tolist() == [tok.bos_id] + tok.encode("The quick fox", False)
-    assert u.response_ids[0].tolist() == tok.encode(" jumps over", False) + [tok.eos_id]
+    joint = tok.encode("The quick fox jumps over", True)  # TRL 1.x: the joint ids sliced at the prompt
+    assert u.response_ids[0].tolist() == joint[u.prompt_len :] + [tok.eos_id]
     assert int(np.sum(u.tokens() == tok.bos_id)) == 1
 
 
@@ -70,7 +71,18 @@ def test_chat_byte_multi_turn(system):
         assert u.unshared_sequence(i).tolist() == b(p) + b(full[len(p) :]) + [EOS]
 
 
-def test_chat_chatml_eos_appended_after_turn_end():
+def test_chat_plain_template_sentencepiece_one_bos_and_eos():
+    """The plain template writes no BOS/end-of-turn: the tokenizer's BOS is added and EOS appended."""
+    tok = load_tokenizer(str(cached_sentencepiece()))
+    [u] = UnitBuilder(tok).build(rec([("user", "Hi")], ["Hey", "Go away"], [1, 0]))
+    p = plain([("user", "Hi")], True)
+    assert u.prompt_ids.tolist() == tok.encode(p, True) and u.prompt_ids[0] == tok.bos_id
+    joint = tok.encode(plain([("user", "Hi"), ("assistant", "Hey")], False), True)
+    assert u.response_ids[0].tolist() == joint[u.prompt_len :] + [tok.eos_id]
+    assert int(np.sum(u.tokens() == tok.bos_id)) == 1
+
+
+def test_chat_chatml_no_eos_after_turn_end():
     tok = load_tokenizer(str(cached_hf_chatml()))
     msgs = [("user", "Hi"), ("assistant", "Hello!"), ("user", "2+2?")]
     [u] = UnitBuilder(tok).build(rec(msgs, ["4", "5"], [1, 0]))
@@ -79,8 +91,9 @@ def test_chat_chatml_eos_appended_after_turn_end():
         "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
     )
     assert u.prompt_ids.tolist() == tok.encode(prompt, False)
-    # response text "4<|im_end|>\n" then EOS (= <|im_end|>), as TRL appends it
-    assert u.response_ids[0].tolist() == tok.encode("4<|im_end|>\n", False) + [tok.eos_id]
+    # response text "4<|im_end|>\n" and no second EOS (= <|im_end|>): TRL 1.x appends none to chats
+    assert u.response_ids[0].tolist() == tok.encode(prompt + "4<|im_end|>\n", False)[u.prompt_len :]
+    assert u.response_ids[0].tolist() == tok.encode("4<|im_end|>\n", False)
 
 
 def test_chat_llama3_single_bos_and_no_double_eos():
@@ -94,16 +107,20 @@ def test_chat_llama3_single_bos_and_no_double_eos():
     assert u.prompt_ids.tolist() == [tok.bos_id] + tok.encode("Hi", False)
 
 
-def test_prompt_and_response_are_tokenized_apart():
-    """The boundary never merges tokens: prompt ids are those of the prompt alone, and each response's ids
-    those of the response alone (+ EOS), even where joint tokenization of the text would differ."""
+def test_response_ids_are_the_joint_ids_sliced_at_the_prompt():
+    """TRL 1.x: response ids are the tail of ``tokenizer(prompt + response)`` past ``len(prompt_ids)``,
+    also where a token merges across the boundary (TRL warns; counted as ``joint_prefix_mismatch``)."""
     tok = load_tokenizer(str(cached_sentencepiece()))
-    prompt, resp = "The answer is", "quick"  # joint: "▁quick" continues the prompt; apart: its own pieces
-    [u] = UnitBuilder(tok).build(rec(prompt, [resp, "slow"], [1, 0]))
-    apart = tok.encode(prompt, True) + tok.encode(resp, False) + [tok.eos_id]
-    assert u.unshared_sequence(0).tolist() == apart
-    joint = tok.encode(prompt + resp, True) + [tok.eos_id]
-    assert joint != apart  # here the two differ, and the unit follows the separate (TRL) policy
+    prompt, resp = "How are yo", "u today"  # joint: "you" is one piece across the boundary
+    builder = UnitBuilder(tok)
+    [u] = builder.build(rec(prompt, [resp, "urs truly"], [1, 0]))
+    p = tok.encode(prompt, True)
+    joint = tok.encode(prompt + resp, True)
+    assert u.unshared_sequence(0).tolist() == p + joint[len(p) :] + [tok.eos_id]
+    assert joint[: len(p)] != p and builder.truncated["joint_prefix_mismatch"] == 2
+    [u] = builder.build(rec("How are", [" you", " we"], [1, 0]))  # a clean boundary: the joint ids
+    assert u.unshared_sequence(0).tolist() == tok.encode("How are you", True) + [tok.eos_id]
+    assert builder.truncated["joint_prefix_mismatch"] == 2
 
 
 def test_template_prefix_mismatch_and_template_error(tmp_path):

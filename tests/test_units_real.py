@@ -1,6 +1,6 @@
 """Every unit of the four real preference files honours the contract, against an independent reference.
 
-The reference re-implements the TRL-style policy here, without ``megatron_prefix``'s tokenizers or
+The reference re-implements TRL 1.x's ``DPOTrainer`` policy here, without ``megatron_prefix``'s tokenizers or
 templates: ``transformers`` (``AutoTokenizer`` + ``apply_chat_template``) for the HF tokenizers, the
 ``sentencepiece`` processor for SentencePiece, ``str.encode`` and an f-string template for the byte
 tokenizer. Counts (units, splits, truncations, joint-tokenization differences) are printed (``pytest -s``).
@@ -59,7 +59,7 @@ def tokenizer_path(kind: str) -> Path:
 
 
 class ByteRef:
-    eos = 256
+    eos, eos_text, plain = 256, None, True  # the plain template has no end-of-turn token: EOS appended
 
     def prompt_text(self, msgs, gen):
         return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in msgs) + (
@@ -69,8 +69,13 @@ class ByteRef:
     def ids(self, text, special):
         return list(text.encode("utf-8"))
 
+    def chat_ids(self, msgs, gen):
+        return self.ids(self.prompt_text(msgs, gen), False)
+
 
 class SentencePieceRef:
+    eos_text = None  # transformers would parse "</s>" as EOS; plain sentencepiece does not: append the id
+
     def __init__(self, path):
         import sentencepiece as spm
 
@@ -82,10 +87,12 @@ class SentencePieceRef:
 
 
 class TransformersRef:
+    """TRL 1.x's own calls: ``tokenizer(text)`` and ``apply_chat_template(..., tokenize=True)``."""
+
     def __init__(self, path):
         transformers = pytest.importorskip("transformers")
         self.tok = transformers.AutoTokenizer.from_pretrained(str(path))
-        self.eos = self.tok.eos_token_id
+        self.eos, self.eos_text = self.tok.eos_token_id, self.tok.eos_token
 
     def prompt_text(self, msgs, gen):
         return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
@@ -93,25 +100,36 @@ class TransformersRef:
     def ids(self, text, special):
         return list(self.tok(text, add_special_tokens=special).input_ids)
 
-    def bos_text(self):
-        return self.tok.bos_token
+    def chat_ids(self, msgs, gen):
+        out = self.tok.apply_chat_template(msgs, tokenize=True, return_dict=True, add_generation_prompt=gen)
+        return list(out["input_ids"])
 
 
 def reference(ref, record: PreferenceRecord) -> tuple[list[int], list[list[int]]] | None:
-    """TRL-style ids for ``record``; None where the rendered conversation does not extend the prompt."""
+    """TRL 1.x ``DPOTrainer`` ids for ``record`` (joint tokenization sliced at the prompt's length; EOS
+    appended to raw-text responses only); None where the rendered conversation does not extend the prompt."""
     if isinstance(record.prompt, str):
-        return ref.ids(record.prompt, True), [ref.ids(r, False) + [ref.eos] for r in record.responses]
+        prompt = ref.ids(record.prompt, True)
+        resp = []
+        for r in record.responses:
+            if ref.eos_text is not None:  # TRL: chosen + eos_token (as text) unless it already ends with it
+                full = ref.ids(record.prompt + r + ("" if r.endswith(ref.eos_text) else ref.eos_text), True)
+                resp.append(full[len(prompt) :])
+            else:
+                resp.append(ref.ids(record.prompt + r, True)[len(prompt) :] + [ref.eos])
+        return prompt, resp
     msgs = [{"role": m.role, "content": m.content} for m in record.prompt]
-    prompt = ref.prompt_text(msgs, True)
-    resp = []
+    text = ref.prompt_text(msgs, True)
     for r in record.responses:
-        full = ref.prompt_text(msgs + [{"role": "assistant", "content": r}], False)
-        if not full.startswith(prompt):
+        if not ref.prompt_text(msgs + [{"role": "assistant", "content": r}], False).startswith(text):
             return None
-        ids = ref.ids(full[len(prompt) :], False)
-        resp.append(ids if ids and ids[-1] == ref.eos else ids + [ref.eos])
-    bos = getattr(ref, "bos_text", lambda: None)()
-    return ref.ids(prompt, not (bos and prompt.startswith(bos))), resp
+    prompt = ref.chat_ids(msgs, True)
+    eos = [ref.eos] if getattr(ref, "plain", False) else []
+    resp = [
+        ref.chat_ids(msgs + [{"role": "assistant", "content": r}], False)[len(prompt) :] + eos
+        for r in record.responses
+    ]
+    return prompt, resp
 
 
 def make_ref(kind: str):
@@ -224,10 +242,10 @@ def test_truncated_units_are_prefixes_of_reference(name):
 
 
 @pytest.mark.parametrize("kind", ["byte", "sentencepiece", "chatml"])
-def test_joint_tokenization_would_differ_on_raw_prompts(kind):
-    """The prompt and each response are tokenized apart, so no token spans the boundary (the units are
-    checked against the separately-tokenizing reference above); this reports how often tokenizing the
-    joint ``prompt + response`` text would give other ids (UltraFeedback raw-text prompts, first 500)."""
+def test_joint_prefix_mismatch_is_counted_on_raw_prompts(kind):
+    """TRL 1.x slices the joint ``prompt + response`` ids at the prompt's length; where a token merges
+    across the boundary the joint ids do not start with the prompt's (TRL warns). The builder counts those
+    responses as ``joint_prefix_mismatch``; this reports how often (UltraFeedback raw-text prompts, first 500)."""
     tok, _ = make_ref(kind)
     builder = UnitBuilder(tok, NO_LIMIT)
     differ = total = 0
@@ -239,7 +257,8 @@ def test_joint_tokenization_would_differ_on_raw_prompts(kind):
             differ += joint != u.unshared_sequence(i).tolist()
             total += 1
     print(
-        f"\nUltraFeedback [{kind}]: joint tokenization of prompt+response differs in {differ}/{total} "
+        f"\nUltraFeedback [{kind}]: the joint ids do not start with the prompt's in {differ}/{total} "
         f"sequences ({100 * differ / total:.1f}%)"
     )
-    assert total > 990 and (differ == 0) == (kind == "byte")
+    assert total > 990 and builder.truncated["joint_prefix_mismatch"] == differ
+    assert (differ == 0) == (kind == "byte")

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Build a prefix-shared preference dataset from JSONL / JSON / gzip preference files.
+"""Build a prefix-shared preference dataset from JSONL / JSON / gzip, Parquet or Arrow preference files.
 
     python tools/build_dataset.py --input FILE [FILE ...] --tokenizer byte|SP.model|HF_DIR --output DIR \\
-        [--format auto|pair|transcript|sharegpt|ranked] [--field-map chosen=pos,rejected=neg] \\
-        [--max-unit-tokens 4096] [--pack-tokens 8192] [--max-responses-per-unit 8] [--workers N]
+        [--format auto|pair|transcript|sharegpt|ranked|alpaca|swift] [--field-map chosen=pos,rejected=neg] \\
+        [--max-unit-tokens 4096] [--pack-tokens 8192] [--max-responses-per-unit 8] [--workers N] \\
+        [--date YYYY-MM-DD]
 
 Writes DIR/tokens.bin, DIR/index/, DIR/meta.json, DIR/stats.json and DIR/skipped.jsonl (file, line and
 reason of every skipped record), then prints the statistics table. The same input and options give
@@ -25,7 +26,12 @@ from megatron_prefix.data.units import UnitConfig  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", nargs="+", required=True, help="preference files (.jsonl, .json, optionally .gz)")
+    ap.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="preference files (.jsonl/.json, optionally .gz; .parquet; .arrow) or datasets folders",
+    )
     ap.add_argument("--tokenizer", required=True, help="'byte', a sentencepiece .model, or a HF tokenizer dir")
     ap.add_argument("--output", required=True, help="dataset directory to write")
     ap.add_argument("--format", default="auto", help="auto (detect from the first record) or a format name")
@@ -34,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-responses-per-unit", type=int, default=UnitConfig.max_responses_per_unit)
     ap.add_argument("--pack-tokens", type=int, default=8192)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument(
+        "--date",
+        default=None,
+        help="YYYY-MM-DD a chat template's strftime_now prints (Llama-3.1 'Today Date'); default: today "
+        "(UTC), recorded in meta.json as build.units.template_date; pass it to rebuild identically",
+    )
     args = ap.parse_args(argv)
     cfg = BuildConfig(
         inputs=args.input,
@@ -42,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         format=args.format,
         field_map=args.field_map,
         units=UnitConfig(
-            max_unit_tokens=args.max_unit_tokens, max_responses_per_unit=args.max_responses_per_unit
+            max_unit_tokens=args.max_unit_tokens,
+            max_responses_per_unit=args.max_responses_per_unit,
+            template_date=args.date,
         ),
         pack_tokens=args.pack_tokens,
         workers=args.workers,

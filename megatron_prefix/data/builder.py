@@ -17,6 +17,7 @@ import json
 import multiprocessing as mp
 from collections import deque
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from megatron_prefix.config import require
 from megatron_prefix.data.packing import fill_ratio, pack_bins
-from megatron_prefix.data.readers import open_records, parse_field_map
+from megatron_prefix.data.readers import expand_inputs, open_records, parse_field_map
 from megatron_prefix.data.records import PreferenceRecord, Skipped, SkipRecord
 from megatron_prefix.data.stats import StatsAccumulator
 from megatron_prefix.data.storage import UnitWriter, write_json
@@ -51,7 +52,7 @@ class BuildConfig:
     def validate(self) -> None:
         require(len(self.inputs) > 0, "input", "give at least one input file")
         for p in self.inputs:
-            require(Path(p).is_file(), "input", f"file {p} does not exist")
+            require(Path(p).exists(), "input", f"file or folder {p} does not exist")
         require(self.pack_tokens > 0, "pack_tokens", f"must be positive, got {self.pack_tokens}")
         require(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
         self.units.validate()
@@ -111,6 +112,8 @@ def _file_digest(path: str) -> str:
 def build_dataset(cfg: BuildConfig, log: Callable[[str], None] = print) -> dict:
     """Build the dataset described by ``cfg``; returns the ``stats.json`` dict."""
     cfg.validate()
+    if cfg.units.template_date is None:  # pinned and recorded in meta.json: a rebuild with it is identical
+        cfg.units.template_date = datetime.now(timezone.utc).date().isoformat()
     tokenizer = load_tokenizer(cfg.tokenizer)
     field_map = parse_field_map(cfg.field_map) if cfg.field_map else None
     out = Path(cfg.output)
@@ -136,6 +139,7 @@ def build_dataset(cfg: BuildConfig, log: Callable[[str], None] = print) -> dict:
         def consume(chunk: list, results: list, truncated: dict) -> None:
             for item, result in zip((x for x in chunk if isinstance(x, PreferenceRecord)), results):
                 ordinal = next(ordinals)
+                stats.add_record(item)
                 if isinstance(result, Skipped):
                     skip(result)
                     continue
@@ -181,6 +185,12 @@ def build_dataset(cfg: BuildConfig, log: Callable[[str], None] = print) -> dict:
     options = asdict(cfg)
     options.pop("output")
     options.pop("workers")  # does not change the output (byte-identical across worker counts)
-    options["inputs"] = [{"path": p, "sha256": _file_digest(p)} for p in cfg.inputs]
+    options["inputs"] = [{"path": str(p), "sha256": _file_digest(str(p))} for p in expand_inputs(cfg.inputs)]
     writer.close({"tokenizer": tokenizer.describe(), "build": options, "units": writer.num_units})
+    if not result["units"]:  # nothing to train on: an error, with the reasons (files are written to inspect)
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(result["skipped"].items(), key=lambda kv: -kv[1]))
+        raise ValueError(
+            f"no unit kept from {result['records_read']} records (skipped: {reasons or 'none'}); "
+            f"see {out / 'skipped.jsonl'} for file, line and reason; check --format and --field-map"
+        )
     return result

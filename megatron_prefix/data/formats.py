@@ -1,23 +1,29 @@
-"""Per-format parsing: one decoded JSON object -> one ``PreferenceRecord``, or ``SkipRecord`` raised.
+"""Per-format parsing: one decoded record (a JSON object or a Parquet/Arrow row) -> one ``PreferenceRecord``,
+or ``SkipRecord`` raised.
 
-The four formats (``FORMATS``), with canonical field names (``field_map`` renames them, see ``Fields``):
+The six formats (``FORMATS``; ``--format``), with canonical field names (``--field-map`` renames them,
+see ``messages.Fields``):
 
 ``pair``
     ``prompt`` + ``chosen`` + ``rejected``. Strings: TRL *standard* format (raw-text prompt).
     Message lists: TRL *conversational* format, ``prompt`` a list of ``{role, content}`` and
     ``chosen``/``rejected`` each a list holding one assistant message (a bare message dict or a plain
-    string is accepted for a response too). A raw-text prompt with message-list responses is
-    ``bad_type`` (mixing the two TRL formats). With ``prompt`` absent and ``chosen``/``rejected`` full
+    string is accepted for a response too). With ``prompt`` absent and ``chosen``/``rejected`` full
     conversations, the prompt is their common prefix: each must end with an assistant turn, the
-    messages before it must be identical in both (else ``prompt_mismatch``).
+    messages before it must be identical in both (else ``prompt_mismatch``). UltraFeedback-binarized
+    (``HuggingFaceH4/ultrafeedback_binarized``): ``prompt`` a string and ``chosen``/``rejected`` full
+    conversations that include the user turn: the same common-prefix rule, and the prompt string must
+    be the last user turn's text (else ``prompt_mismatch``). A raw-text prompt with one-message
+    responses is ``bad_type`` (mixing the two TRL formats).
 ``transcript``
     HH-RLHF: ``chosen``/``rejected`` are whole transcripts; see ``parse_transcript`` for the exact
     policy. The prompt is the messages before the final assistant turn of each; they must be equal
     (else ``prompt_mismatch``).
 ``sharegpt``
-    ``conversations`` (``{from, value}`` messages, ``human``/``gpt``/``system``) + ``chosen`` +
-    ``rejected`` (one ``{from: gpt, value}`` message each, or a string); optional top-level ``system``
-    string, prepended as a system message when non-empty.
+    ``conversations`` (or ``messages`` when ``conversations`` is absent: LLaMA-Factory's OpenAI-style
+    preference data) of ``{from, value}`` / ``{role, content}`` messages + ``chosen`` + ``rejected``
+    (one assistant message each, or a string); optional top-level ``system`` string, prepended as a
+    system message when non-empty.
 ``ranked``
     A prompt as ``messages`` (list) or, when ``messages`` is absent, ``prompt`` (string or list);
     ``responses``: K >= 2 strings or ``{content}`` dicts; ``scores`` (higher is better) or ``ranks``
@@ -26,12 +32,19 @@ The four formats (``FORMATS``), with canonical field names (``field_map`` rename
     ``identical_responses`` only when fewer than 2 distinct responses remain, and as ``bad_scores``
     when the remaining labels are all equal. One empty response skips the whole record
     (``empty_response``): responses are never silently dropped for being empty.
+``alpaca``
+    LLaMA-Factory alpaca pairwise: ``instruction``, optional ``input``, ``chosen``, ``rejected``
+    (strings), optional ``system`` and ``history`` (``[[user, assistant], ...]``), converted as
+    LLaMA-Factory's ``AlpacaDatasetConverter`` does: the user turn is the non-empty ones of
+    ``instruction`` and ``input`` joined with ``"\n"``, after the history turns.
+``swift``
+    ms-swift RLHF: ``messages`` ending with the chosen assistant turn, and ``rejected_response`` (a
+    string): the prompt is ``messages[:-1]``.
 
-Pair formats score chosen 1.0, rejected 0.0. Messages accept ``role``/``from`` and ``content``/``value``;
-roles are normalised (``ROLE_ALIASES``, case-insensitive); an unknown role is ``bad_role``, and so is a
-response message whose role is not assistant. A chat prompt may start with one system message and must
-end with a user turn (``bad_prompt``); it is ``empty_prompt`` when it has no non-system message with
-visible text. A JSON ``null`` counts as a missing field. Over-length is not judged here.
+Pair formats score chosen 1.0, rejected 0.0. Message rules (roles, content parts, media) are in
+``messages.py``. A chat prompt may start with one system message and must end with a user turn
+(``bad_prompt``); it is ``empty_prompt`` when it has no non-system message with visible text. A JSON
+``null`` counts as a missing field. Over-length is not judged here.
 
 Pure Python: no torch, no megatron.
 """
@@ -43,9 +56,18 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from megatron_prefix.data.messages import (
+    Fields,
+    check_chat_prompt,
+    finish,
+    parse_messages,
+    parse_prompt,
+    response_text,
+    type_name,
+)
 from megatron_prefix.data.records import Message, PreferenceRecord, Prompt, SkipRecord
 
-FORMATS = ("pair", "transcript", "sharegpt", "ranked")
+FORMATS = ("pair", "transcript", "sharegpt", "ranked", "alpaca", "swift")
 
 CANONICAL_FIELDS = (
     "prompt",
@@ -57,6 +79,10 @@ CANONICAL_FIELDS = (
     "scores",
     "conversations",
     "system",
+    "instruction",
+    "input",
+    "history",
+    "rejected_response",
 )
 
 SKIP_REASONS = (
@@ -72,174 +98,53 @@ SKIP_REASONS = (
     "prompt_mismatch",
     "bad_role",
     "bad_prompt",
+    "image_unsupported",
 )
-
-ROLE_ALIASES = {
-    "system": "system",
-    "user": "user",
-    "human": "user",
-    "assistant": "assistant",
-    "gpt": "assistant",
-    "model": "assistant",
-    "bot": "assistant",
-}
 
 HUMAN_SEP = "\n\nHuman:"
 ASSISTANT_SEP = "\n\nAssistant:"
 _TURN_RE = re.compile(r"\n\n(Human|Assistant):")
 
-_MISSING = object()
-
-
-class Fields:
-    """Read canonical fields of one raw record through a ``field_map`` (canonical -> file column)."""
-
-    def __init__(self, obj: Mapping[str, Any], field_map: Mapping[str, str] | None = None):
-        self.obj = obj
-        self.field_map = field_map or {}
-
-    def column(self, name: str) -> str:
-        """The file's column name for canonical field ``name``."""
-        return self.field_map.get(name, name)
-
-    def has(self, name: str) -> bool:
-        """True when the field is present and not null."""
-        return self.obj.get(self.column(name)) is not None
-
-    def get(self, name: str, default: Any = None) -> Any:
-        """The field's value, or ``default`` when absent or null."""
-        value = self.obj.get(self.column(name))
-        return default if value is None else value
-
-    def require(self, name: str) -> Any:
-        """The field's value; ``missing_field`` when absent or null."""
-        value = self.obj.get(self.column(name))
-        if value is None:
-            col = self.column(name)
-            shown = f"'{col}'" if col == name else f"'{col}' (for {name})"
-            raise SkipRecord("missing_field", f"no field {shown}")
-        return value
-
-
-def _type_name(value: Any) -> str:
-    return type(value).__name__
-
-
-# --------------------------------------------------------------------------------------------- messages
-
-
-def normalise_role(role: str, where: str) -> str:
-    """Map a role name to system/user/assistant; ``bad_role`` when unknown."""
-    norm = ROLE_ALIASES.get(role.strip().lower())
-    if norm is None:
-        raise SkipRecord("bad_role", f"{where}: unknown role {role!r}")
-    return norm
-
-
-def parse_message(value: Any, where: str) -> Message:
-    """One ``{role|from, content|value}`` dict -> ``Message`` with a normalised role."""
-    if not isinstance(value, dict):
-        raise SkipRecord("bad_type", f"{where} is a {_type_name(value)}, expected a message object")
-    role = value.get("role", value.get("from"))
-    content = value.get("content", value.get("value"))
-    if role is None:
-        raise SkipRecord("missing_field", f"{where} has no 'role' (or 'from')")
-    if content is None:
-        raise SkipRecord("missing_field", f"{where} has no 'content' (or 'value')")
-    if not isinstance(role, str):
-        raise SkipRecord("bad_type", f"{where}.role is a {_type_name(role)}, expected a string")
-    if not isinstance(content, str):
-        raise SkipRecord("bad_type", f"{where}.content is a {_type_name(content)}, expected a string")
-    return Message(normalise_role(role, where), content)
-
-
-def parse_messages(value: Any, where: str) -> tuple[Message, ...]:
-    """A list of message dicts -> tuple of ``Message``; ``bad_type`` when not a list."""
-    if not isinstance(value, list):
-        raise SkipRecord("bad_type", f"{where} is a {_type_name(value)}, expected a list of messages")
-    return tuple(parse_message(m, f"{where}[{i}]") for i, m in enumerate(value))
-
-
-def check_chat_prompt(msgs: tuple[Message, ...], where: str = "prompt") -> tuple[Message, ...]:
-    """Validate a chat prompt: non-empty, one optional leading system message, ends with a user turn."""
-    if not any(m.role != "system" and m.content.strip() for m in msgs):
-        raise SkipRecord("empty_prompt", f"{where} has no non-system message with text")
-    for i, m in enumerate(msgs):
-        if m.role == "system" and i > 0:
-            raise SkipRecord("bad_prompt", f"{where}[{i}] is a system message; only one, first, is allowed")
-    if msgs[-1].role != "user":
-        raise SkipRecord("bad_prompt", f"{where} must end with a user turn, ends with {msgs[-1].role}")
-    return msgs
-
-
-def check_text_prompt(value: Any, where: str = "prompt") -> str:
-    """Validate a raw-text prompt (TRL standard format)."""
-    if not isinstance(value, str):
-        raise SkipRecord("bad_type", f"{where} is a {_type_name(value)}, expected a string")
-    if not value.strip():
-        raise SkipRecord("empty_prompt", f"{where} is empty")
-    return value
-
-
-def parse_prompt(value: Any, where: str = "prompt") -> Prompt:
-    """A prompt given as a string (raw text) or a list of messages (chat)."""
-    if isinstance(value, list):
-        return check_chat_prompt(parse_messages(value, where), where)
-    return check_text_prompt(value, where)
-
-
-def response_text(value: Any, where: str) -> str:
-    """One response: a string, an assistant message dict, or a list holding one assistant message."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        if len(value) != 1:
-            raise SkipRecord("bad_type", f"{where} must hold exactly one assistant message, has {len(value)}")
-        value = value[0]
-    msg = parse_message(value, where)
-    if msg.role != "assistant":
-        raise SkipRecord("bad_role", f"{where} must be an assistant message, got {msg.role}")
-    return msg.content
-
-
-def finish(prompt: Prompt, responses: list[str], scores: list[float], names: list[str]) -> PreferenceRecord:
-    """Common response checks (empty, identical), then build the record (source/line set by the reader)."""
-    for name, text in zip(names, responses):
-        if not text.strip():
-            raise SkipRecord("empty_response", f"{name} is empty")
-    if len(set(responses)) < len(responses):
-        raise SkipRecord("identical_responses", f"{' and '.join(names)} have the same text")
-    return PreferenceRecord(prompt=prompt, responses=tuple(responses), scores=tuple(scores))
-
-
 # --------------------------------------------------------------------------------------------- formats
 
 
+def _common_prefix(convs: list[tuple[Message, ...]], names: list[str]) -> tuple[Message, ...]:
+    """The shared prompt of two full conversations: all but their final assistant turns, which must match."""
+    for conv, n in zip(convs, names):
+        if not conv or conv[-1].role != "assistant":
+            raise SkipRecord("bad_prompt", f"{n} (a whole conversation) must end with an assistant turn")
+    if convs[0][:-1] != convs[1][:-1]:
+        a, b = convs[0][:-1], convs[1][:-1]
+        i = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        at = f"at message {i}" if i is not None else f"({len(a)} vs {len(b)} messages)"
+        raise SkipRecord(
+            "prompt_mismatch", f"{names[0]} and {names[1]} differ before the final assistant turn {at}"
+        )
+    return check_chat_prompt(convs[0][:-1], f"{names[0]}[:-1]")
+
+
 def parse_pair(obj: Mapping[str, Any], field_map: Mapping[str, str] | None = None) -> PreferenceRecord:
-    """TRL standard or conversational pair (see the module docstring)."""
+    """TRL standard or conversational pair, or UltraFeedback-binarized (see the module docstring)."""
     f = Fields(obj, field_map)
     chosen, rejected = f.require("chosen"), f.require("rejected")
     names = [f.column("chosen"), f.column("rejected")]
-    if not f.has("prompt"):
-        if not (isinstance(chosen, list) or isinstance(rejected, list)):
+    raw_prompt = f.get("prompt")
+    whole = isinstance(chosen, list) and isinstance(rejected, list) and min(len(chosen), len(rejected)) >= 2
+    if raw_prompt is None or (whole and isinstance(raw_prompt, str)):
+        if raw_prompt is None and not (isinstance(chosen, list) or isinstance(rejected, list)):
             f.require("prompt")  # raises missing_field
         convs = [parse_messages(v, n) for v, n in zip((chosen, rejected), names)]
-        for conv, n in zip(convs, names):
-            if not conv or conv[-1].role != "assistant":
-                raise SkipRecord(
-                    "bad_prompt", f"{n} (a conversation, no prompt field) must end with an assistant turn"
-                )
-        if convs[0][:-1] != convs[1][:-1]:
+        prompt: Prompt = _common_prefix(convs, names)
+        if isinstance(raw_prompt, str) and raw_prompt.strip() != prompt[-1].content.strip():
             raise SkipRecord(
-                "prompt_mismatch", f"{names[0]} and {names[1]} differ before the final assistant turn"
+                "prompt_mismatch",
+                f"{f.column('prompt')} is not the last user turn of {names[0]} (a whole conversation)",
             )
-        prompt: Prompt = check_chat_prompt(convs[0][:-1], f"{names[0]}[:-1]")
         return finish(prompt, [convs[0][-1].content, convs[1][-1].content], [1.0, 0.0], names)
-    raw_prompt = f.require("prompt")
     if isinstance(raw_prompt, str):
         for v, n in zip((chosen, rejected), names):
             if not isinstance(v, str):
-                raise SkipRecord("bad_type", f"{n} is a {_type_name(v)} but the prompt is a string")
+                raise SkipRecord("bad_type", f"{n} is a {type_name(v)} but the prompt is a string")
     prompt = parse_prompt(raw_prompt, f.column("prompt"))
     responses = [response_text(v, n) for v, n in zip((chosen, rejected), names)]
     return finish(prompt, responses, [1.0, 0.0], names)
@@ -256,7 +161,7 @@ def parse_transcript(text: str, where: str) -> list[Message]:
     character of a response is lost. Text before the first ``Human:`` turn is ``bad_prompt``.
     """
     if not isinstance(text, str):
-        raise SkipRecord("bad_type", f"{where} is a {_type_name(text)}, expected a transcript string")
+        raise SkipRecord("bad_type", f"{where} is a {type_name(text)}, expected a transcript string")
     if text.startswith("Human:"):
         text = "\n\n" + text
     parts = _TURN_RE.split(text)
@@ -291,15 +196,16 @@ def parse_transcript_pair(
 
 
 def parse_sharegpt(obj: Mapping[str, Any], field_map: Mapping[str, str] | None = None) -> PreferenceRecord:
-    """ShareGPT-style pair as LLaMA-Factory reads it (see the module docstring)."""
+    """ShareGPT-style (or ``messages``) pair as LLaMA-Factory reads it (see the module docstring)."""
     f = Fields(obj, field_map)
-    conv_col = f.column("conversations")
-    msgs = parse_messages(f.require("conversations"), conv_col)
+    key = "messages" if not f.has("conversations") and f.has("messages") else "conversations"
+    conv_col = f.column(key)
+    msgs = parse_messages(f.require(key), conv_col)
     chosen, rejected = f.require("chosen"), f.require("rejected")
     system = f.get("system")
     if system is not None:
         if not isinstance(system, str):
-            raise SkipRecord("bad_type", f"{f.column('system')} is a {_type_name(system)}, expected a string")
+            raise SkipRecord("bad_type", f"{f.column('system')} is a {type_name(system)}, expected a string")
         if system.strip():
             msgs = (Message("system", system),) + msgs
     prompt = check_chat_prompt(msgs, conv_col)
@@ -316,10 +222,10 @@ def _labels(f: Fields, k: int) -> list[float]:
     col = f.column(name)
     values = f.require(name)
     if not isinstance(values, list):
-        raise SkipRecord("bad_type", f"{col} is a {_type_name(values)}, expected a list of numbers")
+        raise SkipRecord("bad_type", f"{col} is a {type_name(values)}, expected a list of numbers")
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise SkipRecord("bad_type", f"{col}[{i}] is a {_type_name(v)}, expected a number")
+            raise SkipRecord("bad_type", f"{col}[{i}] is a {type_name(v)}, expected a number")
     if len(values) != k:
         raise SkipRecord("bad_scores", f"{col} has {len(values)} values for {k} responses")
     if not all(math.isfinite(v) for v in values):
@@ -340,7 +246,7 @@ def parse_ranked(obj: Mapping[str, Any], field_map: Mapping[str, str] | None = N
     col = f.column("responses")
     raw = f.require("responses")
     if not isinstance(raw, list):
-        raise SkipRecord("bad_type", f"{col} is a {_type_name(raw)}, expected a list")
+        raise SkipRecord("bad_type", f"{col} is a {type_name(raw)}, expected a list")
     if len(raw) < 2:
         raise SkipRecord("too_few_responses", f"{col} has {len(raw)} response(s), need at least 2")
     texts = []
@@ -364,20 +270,68 @@ def parse_ranked(obj: Mapping[str, Any], field_map: Mapping[str, str] | None = N
     return PreferenceRecord(prompt=prompt, responses=tuple(keep), scores=tuple(keep.values()))
 
 
+def _text_field(f: Fields, name: str, required: bool = True) -> str:
+    value = f.require(name) if required else f.get(name, "")
+    if not isinstance(value, str):
+        raise SkipRecord("bad_type", f"{f.column(name)} is a {type_name(value)}, expected a string")
+    return value
+
+
+def parse_alpaca(obj: Mapping[str, Any], field_map: Mapping[str, str] | None = None) -> PreferenceRecord:
+    """LLaMA-Factory alpaca pairwise (see the module docstring)."""
+    f = Fields(obj, field_map)
+    msgs: list[Message] = []
+    system = _text_field(f, "system", required=False)
+    if system.strip():
+        msgs.append(Message("system", system))
+    history = f.get("history", [])
+    hcol = f.column("history")
+    if not isinstance(history, list):
+        raise SkipRecord(
+            "bad_type", f"{hcol} is a {type_name(history)}, expected a list of [user, assistant]"
+        )
+    for i, turn in enumerate(history):
+        if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise SkipRecord("bad_type", f"{hcol}[{i}] is not a [user, assistant] pair of strings")
+        msgs += [Message("user", turn[0]), Message("assistant", turn[1])]
+    query = [t for t in (_text_field(f, "instruction"), _text_field(f, "input", required=False)) if t]
+    msgs.append(Message("user", "\n".join(query)))
+    prompt = check_chat_prompt(tuple(msgs), f.column("instruction"))
+    names = [f.column("chosen"), f.column("rejected")]
+    return finish(prompt, [_text_field(f, "chosen"), _text_field(f, "rejected")], [1.0, 0.0], names)
+
+
+def parse_swift(obj: Mapping[str, Any], field_map: Mapping[str, str] | None = None) -> PreferenceRecord:
+    """ms-swift RLHF pair: ``messages`` ending with the chosen reply, ``rejected_response``."""
+    f = Fields(obj, field_map)
+    col = f.column("messages")
+    msgs = parse_messages(f.require("messages"), col)
+    if not msgs or msgs[-1].role != "assistant":
+        raise SkipRecord("bad_prompt", f"{col} must end with the chosen assistant turn")
+    prompt = check_chat_prompt(msgs[:-1], f"{col}[:-1]")
+    rejected = _text_field(f, "rejected_response")
+    return finish(
+        prompt, [msgs[-1].content, rejected], [1.0, 0.0], [f"{col}[-1]", f.column("rejected_response")]
+    )
+
+
 PARSERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, str] | None], PreferenceRecord]] = {
     "pair": parse_pair,
     "transcript": parse_transcript_pair,
     "sharegpt": parse_sharegpt,
     "ranked": parse_ranked,
+    "alpaca": parse_alpaca,
+    "swift": parse_swift,
 }
 
 
 def guess_format(obj: Any, field_map: Mapping[str, str] | None = None) -> str | None:
     """The format of one raw record by its fields, or None.
 
-    Rules, in order: ``conversations`` -> sharegpt; ``responses`` -> ranked; ``chosen`` and ``rejected``
-    with ``prompt`` -> pair; without ``prompt``: message lists -> pair (implicit prompt), strings
-    holding an ``Assistant:`` turn -> transcript.
+    Rules, in order: ``conversations`` -> sharegpt; ``responses`` -> ranked; ``rejected_response`` ->
+    swift; ``instruction`` with ``chosen``/``rejected`` -> alpaca; ``chosen`` and ``rejected`` with
+    ``prompt`` -> pair; with ``messages`` -> sharegpt; without either: message lists -> pair (implicit
+    prompt), strings holding an ``Assistant:`` turn -> transcript.
     """
     if not isinstance(obj, dict):
         return None
@@ -386,9 +340,15 @@ def guess_format(obj: Any, field_map: Mapping[str, str] | None = None) -> str | 
         return "sharegpt"
     if f.has("responses"):
         return "ranked"
+    if f.has("rejected_response"):
+        return "swift"
     if f.has("chosen") and f.has("rejected"):
+        if f.has("instruction"):
+            return "alpaca"
         if f.has("prompt"):
             return "pair"
+        if f.has("messages"):
+            return "sharegpt"
         chosen = f.get("chosen")
         if isinstance(chosen, list):
             return "pair"

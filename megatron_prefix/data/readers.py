@@ -1,4 +1,4 @@
-"""Streaming readers for preference files: JSONL or one JSON array, plain or gzip, four formats.
+"""Streaming readers for preference files: JSONL or one JSON array (plain or gzip), Parquet or Arrow.
 
 ``open_records(paths)`` yields, in file order, one ``PreferenceRecord`` per good record and one
 ``Skipped`` per bad one (never raising on a bad record); it raises ``ValueError`` naming the file for an
@@ -14,6 +14,13 @@ Containers (memory stays flat in the input size):
   line is decoded from bytes on its own (a bad line is ``bad_utf8``, the file goes on); blank lines are
   ignored silently.
 
+Parquet and Arrow files and folders (``datasets``' ``to_parquet``, ``save_to_disk``, a downloaded
+dataset's shards) are read by ``columnar.py``, row by row (``line`` = 1-based row number); a folder input
+expands to its data files, each read and reported on its own.
+
+Every record naming media (``images``, an image part, an ``<image>`` placeholder) is skipped as
+``image_unsupported`` (``messages.refuse_media``), whatever the format.
+
 Formats and per-record rules: see ``formats.py``. Pure Python: no torch, no megatron.
 """
 
@@ -28,13 +35,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from megatron_prefix.data.columnar import columnar_kind, folder_files, iter_columnar
 from megatron_prefix.data.formats import CANONICAL_FIELDS, FORMATS, PARSERS, SKIP_REASONS, guess_format
+from megatron_prefix.data.messages import refuse_media, refuse_placeholders
 from megatron_prefix.data.records import PreferenceRecord, Skipped, SkipRecord
 
 __all__ = [
     "FORMATS",
     "SKIP_REASONS",
     "detect_format",
+    "expand_inputs",
     "iter_raw",
     "open_records",
     "parse_field_map",
@@ -67,9 +77,9 @@ def parse_field_map(text: str) -> dict[str, str]:
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key or not value:
-            raise ValueError(f"field map item {item!r} is not canonical=column (in {text!r})")
+            raise ValueError(f"--field-map item {item!r} is not canonical=column (in {text!r})")
         if key in result:
-            raise ValueError(f"field map names {key!r} twice (in {text!r})")
+            raise ValueError(f"--field-map names {key!r} twice (in {text!r})")
         result[key] = value
     check_field_map(result)
     return result
@@ -82,10 +92,10 @@ def check_field_map(field_map: Mapping[str, str] | None) -> dict[str, str]:
     for key, value in field_map.items():
         if key not in CANONICAL_FIELDS:
             raise ValueError(
-                f"field map key {key!r} is not a canonical field; known: {', '.join(CANONICAL_FIELDS)}"
+                f"--field-map key {key!r} is not a canonical field; known: {', '.join(CANONICAL_FIELDS)}"
             )
         if not isinstance(value, str) or not value:
-            raise ValueError(f"field map value for {key!r} must be a non-empty column name, got {value!r}")
+            raise ValueError(f"--field-map value for {key!r} must be a non-empty column name, got {value!r}")
     return dict(field_map)
 
 
@@ -226,6 +236,10 @@ def iter_raw(path: PathLike) -> Iterator[tuple[int, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
+    kind = columnar_kind(path)
+    if kind is not None:
+        yield from iter_columnar(path, kind)
+        return
     line = 0
     try:
         array = _is_array(path)
@@ -254,7 +268,7 @@ def detect_format(path: PathLike, field_map: Mapping[str, str] | None = None) ->
             if fmt is None:
                 raise ValueError(
                     f"{path}: cannot detect the format from record {line} (fields: {', '.join(sorted(value))}); "
-                    f"pass fmt= one of {FORMATS} or a field map"
+                    f"pass --format (one of {', '.join(FORMATS)}) or --field-map canonical=column"
                 )
             return fmt
         seen += 1
@@ -278,18 +292,32 @@ def open_records(
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if fmt != "auto" and fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected 'auto' or one of {FORMATS}")
+        raise ValueError(f"unknown --format {fmt!r}; expected auto or one of {', '.join(FORMATS)}")
     field_map = check_field_map(field_map)
     plan: list[tuple[Path, str]] = []
-    for p in map(Path, paths):
-        if not p.is_file():
-            raise ValueError(f"{p}: no such file")
+    for p in expand_inputs(paths):
         chosen = fmt
         if fmt == "auto":
             chosen = detect_format(p, field_map)
             log(f"{p}: format '{chosen}' (auto-detected)")
         plan.append((p, chosen))
     return _stream(plan, field_map)
+
+
+def expand_inputs(paths: Sequence[PathLike]) -> list[Path]:
+    """The data files of ``paths`` in reading order: a file as is, a folder as its Parquet/Arrow files
+    (``columnar.folder_files``). Raises ``ValueError`` naming a missing path or an unusable folder."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(folder_files(p))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ValueError(f"{p}: no such file or folder")
+    return files
 
 
 def _stream(plan: list[tuple[Path, str]], field_map: dict[str, str]) -> Iterator[PreferenceRecord | Skipped]:
@@ -302,7 +330,9 @@ def _stream(plan: list[tuple[Path, str]], field_map: dict[str, str]) -> Iterator
                     raise value
                 if not isinstance(value, dict):
                     raise SkipRecord("bad_type", f"record is a {type(value).__name__}, expected an object")
+                refuse_media(value)
                 rec = parse(value, field_map)
+                refuse_placeholders(rec)
             except SkipRecord as e:
                 yield Skipped(source, line, e.reason, e.detail)
                 continue

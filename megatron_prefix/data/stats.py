@@ -8,12 +8,14 @@ Pure numpy: no torch, no megatron.
 
 from __future__ import annotations
 
+import hashlib
 from array import array
 from collections import Counter
 from typing import Callable
 
 import numpy as np
 
+from megatron_prefix.data.records import PreferenceRecord
 from megatron_prefix.data.unit import Unit
 
 PERCENTILES = (50, 90, 99, 100)
@@ -24,6 +26,8 @@ class StatsAccumulator:
 
     def __init__(self) -> None:
         self.records_read = 0
+        self.duplicate_records = 0  # records equal (prompt, responses, scores) to an earlier one: kept
+        self._seen: set[bytes] = set()  # 8-byte digests of the records read (about 80 bytes a record)
         self.skipped: Counter[str] = Counter()
         self.truncated: Counter[str] = Counter()
         self.k_hist: Counter[int] = Counter()
@@ -35,6 +39,15 @@ class StatsAccumulator:
         self.unshared_lens = array("q")
         self.prompt_lens = array("q")
         self.response_lens = array("q")
+
+    def add_record(self, record: PreferenceRecord) -> None:
+        """Count one parsed record as a duplicate when an earlier record had the same content."""
+        key = hashlib.blake2b(repr((record.prompt, record.responses, record.scores)).encode(), digest_size=8)
+        digest = key.digest()
+        if digest in self._seen:
+            self.duplicate_records += 1
+        else:
+            self._seen.add(digest)
 
     def add_unit(self, unit: Unit) -> None:
         """Count one kept unit."""
@@ -62,6 +75,7 @@ class StatsAccumulator:
             "responses": int(len(self.response_lens)),
             "skipped": dict(sorted(self.skipped.items())),
             "skipped_total": int(sum(self.skipped.values())),
+            "duplicate_records": self.duplicate_records,
             "truncated": dict(sorted(self.truncated.items())),
             "responses_per_unit": {str(k): v for k, v in sorted(self.k_hist.items())},
             "shared_tokens": self.shared_tokens,
@@ -107,6 +121,8 @@ def format_stats(stats: dict) -> str:
     row("units kept", stats["units"])
     row("responses", stats.get("responses"))
     row("skipped", stats.get("skipped_total", sum(stats["skipped"].values())))
+    if stats.get("duplicate_records"):
+        row("duplicate records (kept)", stats["duplicate_records"])
     for reason, n in stats["skipped"].items():
         row(f"  skipped: {reason}", n)
     for reason, n in stats["truncated"].items():

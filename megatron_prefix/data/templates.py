@@ -14,7 +14,9 @@ is emitted (the tokenization policy adds those, see ``docs/tokenization.md``).
 Rendering follows ``transformers``' ``apply_chat_template``: an ``ImmutableSandboxedEnvironment`` with
 ``trim_blocks`` and ``lstrip_blocks``, the ``loopcontrols`` extension, a ``tojson`` filter that does not
 escape HTML, and the globals ``raise_exception`` and ``strftime_now``. Templates are compiled once and
-cached.
+cached. ``strftime_now`` (Llama-3.1 templates print "Today Date: ...") reads the clock unless a build pins
+the date (``render_template(..., today=date)``, ``--date`` of ``tools/build_dataset.py``); a pinned date is
+midnight of that day, so a rebuild on another day is byte-identical.
 
 Pure Python: no torch, no megatron.
 """
@@ -22,8 +24,9 @@ Pure Python: no torch, no megatron.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import date, datetime
 from functools import lru_cache
 from typing import Any
 
@@ -58,6 +61,16 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+def parse_template_date(text: str) -> date:
+    """``YYYY-MM-DD`` -> ``date``; ``ValueError`` saying what to write otherwise."""
+    try:
+        if isinstance(text, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            return date.fromisoformat(text)
+    except ValueError:
+        pass
+    raise ValueError(f"template date {text!r} is not a YYYY-MM-DD date (e.g. --date 2026-01-31)")
+
+
 @lru_cache(maxsize=32)
 def compile_template(source: str) -> jinja2.Template:
     """Compile a chat template in a sandboxed environment configured like transformers'."""
@@ -89,13 +102,18 @@ def render_template(
     messages: Sequence[Message | dict],
     add_generation_prompt: bool,
     special_tokens: dict[str, str | None] | None = None,
+    today: date | None = None,
 ) -> str:
     """Render ``messages`` with template ``source``; ``special_tokens`` gives ``bos_token``, ``eos_token``, ...
 
-    Raises ``TemplateError`` when the template raises or fails.
+    ``today`` pins what ``strftime_now`` prints (midnight of that day); None reads the clock, as
+    transformers does. Raises ``TemplateError`` when the template raises or fails.
     """
     tmpl = compile_template(source)
-    variables = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+    variables: dict[str, Any] = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+    if today is not None:
+        pinned = datetime(today.year, today.month, today.day)
+        variables["strftime_now"] = pinned.strftime
     try:
         return tmpl.render(
             messages=messages_to_dicts(messages), add_generation_prompt=add_generation_prompt, **variables

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
 
 from megatron_prefix.data.records import Message
@@ -46,6 +47,7 @@ class Tokenizer:
     eos_token: str | None = None
     add_bos: bool = False  # whether encode(add_special=True) prepends bos_id
     chat_template: str | None = None  # None: the plain template
+    template_date: date | None = None  # what the template's strftime_now prints; None: today (the clock)
 
     def _encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -70,7 +72,11 @@ class Tokenizer:
         """Render messages with the tokenizer's chat template (or the plain one); raises ``TemplateError``."""
         specials = {"bos_token": self.bos_token, "eos_token": self.eos_token}
         return render_template(
-            self.chat_template or PLAIN_CHAT_TEMPLATE, messages, add_generation_prompt, specials
+            self.chat_template or PLAIN_CHAT_TEMPLATE,
+            messages,
+            add_generation_prompt,
+            specials,
+            today=self.template_date,
         )
 
     def _files(self) -> list[Path]:

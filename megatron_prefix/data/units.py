@@ -1,20 +1,24 @@
 """Records -> units: the tokenization policy, truncation, and splitting of many-response prompts.
 
-Tokenization policy (TRL DPOTrainer style; ``docs/tokenization.md`` has the full text). The prompt is
-always tokenized on its own and every response on its own, so no token ever spans the boundary:
+Tokenization policy: TRL 1.x ``DPOTrainer`` exactly (checked against TRL v1.9.0, unchanged since v1.0.0;
+``docs/tokenization.md`` has the full text). The prompt is tokenized on its own, each response as the tail
+of the tokenized prompt + response (joint tokenization, sliced at the prompt's length):
 
 - standard (string) prompt: ``prompt_ids = encode(prompt, add_special=True)`` (BOS if the tokenizer adds
-  one); ``response_ids = encode(response, add_special=False) + [eos]``.
-- conversational prompt: ``prompt_text = render_chat(prompt, add_generation_prompt=True)``; for each
-  response ``full = render_chat(prompt + [assistant: response], add_generation_prompt=False)`` must start
-  with ``prompt_text`` (else the record is skipped, ``template_prefix_mismatch``) and the response text is
-  ``full[len(prompt_text):]`` (so it includes the template's end-of-turn text). ``prompt_ids =
-  encode(prompt_text, add_special=not prompt_text.startswith(bos_token))`` (a template that writes the BOS
-  text gets no second BOS); ``response_ids = encode(response_text, add_special=False)`` plus EOS unless its
-  last id already is EOS.
+  one); ``full = encode(prompt + response, add_special=True)`` and ``response_ids = full[len(prompt_ids):]``
+  plus EOS unless the response text already ends with the EOS text (TRL appends ``eos_token`` as text).
+- conversational prompt: ``prompt_text = render_chat(prompt, add_generation_prompt=True)``, ``full_i =
+  render_chat(prompt + [assistant: response_i], add_generation_prompt=False)``; both are tokenized *without*
+  special tokens (no BOS added: a template writes its own); ``response_ids = encode(full_i)[len(prompt_ids):]``
+  and no EOS is appended (the template's end-of-turn text ends the response), except with the plain template
+  (a tokenizer without a template of its own, which TRL refuses), which writes no BOS and no end-of-turn
+  token: there the tokenizer's BOS is added (as for raw text) and EOS is appended. A ``full_i`` that does not
+  start with ``prompt_text`` skips the record (``template_prefix_mismatch``; TRL warns and slices anyway).
 
-So for every unit and every i, ``unit.unshared_sequence(i)`` is exactly ``prompt_ids + response_ids[i]`` of
-that policy (after truncation, a prefix of it; see below).
+Where the joint ids do not start with ``prompt_ids`` (a token merged across the boundary), TRL warns and
+slices anyway; so do we, counting ``joint_prefix_mismatch`` (responses) in ``truncated``. So for every unit
+and every i, ``unit.unshared_sequence(i)`` is exactly TRL's ``prompt_ids + chosen_ids`` (after truncation,
+a prefix of it; see below).
 
 Fitting a record into ``max_unit_tokens`` (``UnitBuilder.build``), with responses ranked by score,
 descending and stable, ``best`` the first: every unit holds ``best`` plus at least one other response, so
@@ -49,7 +53,7 @@ import numpy as np
 
 from megatron_prefix.config import require
 from megatron_prefix.data.records import Message, PreferenceRecord, Prompt, SkipRecord
-from megatron_prefix.data.templates import TemplateError
+from megatron_prefix.data.templates import TemplateError, parse_template_date
 from megatron_prefix.data.tokenizers import Tokenizer
 from megatron_prefix.data.unit import Unit
 
@@ -62,6 +66,7 @@ class UnitConfig:
     max_responses_per_unit: int = 8  # more responses are split into several units
     min_response_tokens: int = 1  # a response cut below this skips the record (unit_too_long)
     truncation: bool = True  # off: a record that does not fit is skipped (unit_too_long)
+    template_date: str | None = None  # YYYY-MM-DD a chat template's strftime_now prints; None: today
 
     def validate(self, prefix: str = "units") -> None:
         """Raise ``ValueError`` naming the first invalid field."""
@@ -87,40 +92,55 @@ class UnitConfig:
             f"{prefix}.truncation",
             f"must be true or false, got {self.truncation!r}",
         )
+        if self.template_date is not None:
+            try:
+                parse_template_date(self.template_date)
+            except ValueError as err:
+                require(False, f"{prefix}.template_date", str(err))
 
 
 def tokenize_record(
-    tok: Tokenizer, prompt: Prompt, responses: Sequence[str]
+    tok: Tokenizer, prompt: Prompt, responses: Sequence[str], mismatches: Counter[str] | None = None
 ) -> tuple[list[int], list[list[int]]]:
     """The tokenization policy (module docstring): ``(prompt_ids, [response_ids...])``.
 
+    ``mismatches["joint_prefix_mismatch"]`` counts responses whose joint ids do not start with the prompt's.
     Raises ``SkipRecord`` (``template_prefix_mismatch``, ``template_error``).
     """
     if isinstance(prompt, str):
-        resp = [tok.encode(r, add_special=False) + [tok.eos_id] for r in responses]
-        return tok.encode(prompt, add_special=True), resp
-    messages = list(prompt)
-    try:
-        prompt_text = tok.render_chat(messages, add_generation_prompt=True)
-        fulls = [
-            tok.render_chat(messages + [Message("assistant", r)], add_generation_prompt=False)
-            for r in responses
-        ]
-    except TemplateError as err:
-        raise SkipRecord("template_error", str(err)) from err
+        prompt_ids = tok.encode(prompt, add_special=True)
+        fulls = [tok.encode(prompt + r, add_special=True) for r in responses]
+        ends = [bool(tok.eos_token) and r.endswith(tok.eos_token) for r in responses]
+    else:
+        messages = list(prompt)
+        try:
+            prompt_text = tok.render_chat(messages, add_generation_prompt=True)
+            texts = [
+                tok.render_chat(messages + [Message("assistant", r)], add_generation_prompt=False)
+                for r in responses
+            ]
+        except TemplateError as err:
+            raise SkipRecord("template_error", str(err)) from err
+        for i, full in enumerate(texts):
+            if not full.startswith(prompt_text):
+                raise SkipRecord(
+                    "template_prefix_mismatch",
+                    f"response {i}: the rendered conversation does not start with the rendered prompt",
+                )
+        # A tokenizer's own template writes its BOS and ends a response with its end-of-turn text: no BOS
+        # and no EOS are added (TRL 1.x). The plain template (no template of the tokenizer's own, which TRL
+        # refuses) writes neither: the tokenizer's BOS is added, as for raw text, and EOS is appended.
+        plain = not tok.has_chat_template
+        prompt_ids = tok.encode(prompt_text, add_special=plain)
+        fulls = [tok.encode(t, add_special=plain) for t in texts]
+        ends = [not plain] * len(texts)
+    n = len(prompt_ids)
     resp = []
-    for i, full in enumerate(fulls):
-        if not full.startswith(prompt_text):
-            raise SkipRecord(
-                "template_prefix_mismatch",
-                f"response {i}: the rendered conversation does not start with the rendered prompt",
-            )
-        ids = tok.encode(full[len(prompt_text) :], add_special=False)
-        if not ids or ids[-1] != tok.eos_id:
-            ids.append(tok.eos_id)
-        resp.append(ids)
-    bos_in_text = bool(tok.bos_token) and prompt_text.startswith(tok.bos_token)
-    return tok.encode(prompt_text, add_special=not bos_in_text), resp
+    for full, has_eos in zip(fulls, ends):
+        if mismatches is not None and full[:n] != prompt_ids:
+            mismatches["joint_prefix_mismatch"] += 1
+        resp.append(full[n:] if has_eos else full[n:] + [tok.eos_id])
+    return prompt_ids, resp
 
 
 def drop_first_turn(messages: Sequence[Message]) -> list[Message] | None:
@@ -155,6 +175,8 @@ class UnitBuilder:
         self.tok = tokenizer
         self.cfg = cfg or UnitConfig()
         self.cfg.validate()
+        if self.cfg.template_date is not None:
+            self.tok.template_date = parse_template_date(self.cfg.template_date)
         self.truncated: Counter[str] = Counter()
 
     @property
@@ -173,7 +195,8 @@ class UnitBuilder:
         if record.k < 2:
             raise SkipRecord("too_few_responses", f"{record.k} response(s)")
         prompt = record.prompt
-        prompt_ids, resp = tokenize_record(self.tok, prompt, record.responses)
+        mismatch: Counter[str] = Counter()  # of the final tokenization only (turns may be dropped below)
+        prompt_ids, resp = tokenize_record(self.tok, prompt, record.responses, mismatch)
         if not prompt_ids:
             raise SkipRecord("empty_prompt", "the prompt tokenizes to nothing")
         keep = [i for i, r in enumerate(resp) if len(r) >= cfg.min_response_tokens]
@@ -207,7 +230,8 @@ class UnitBuilder:
                 if shorter is None:
                     break
                 prompt, dropped = tuple(shorter), dropped + 1
-                prompt_ids, resp = tokenize_record(self.tok, prompt, record.responses)
+                mismatch.clear()
+                prompt_ids, resp = tokenize_record(self.tok, prompt, record.responses, mismatch)
                 total, best_len, other_len = need()
             if dropped:
                 self.truncated["prompt_turns_dropped"] += dropped
@@ -225,6 +249,7 @@ class UnitBuilder:
                 for i in cut:
                     resp[i] = resp[i][:cap]
                 self.truncated["response_tail_cut"] += len(cut)
+        self.truncated.update(mismatch)
         groups = self._groups(order, [len(r) for r in resp], cfg.max_unit_tokens - len(prompt_ids))
         useful = []
         for g in groups:
