@@ -85,6 +85,8 @@ def _avg(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 def _smoothed(delta: torch.Tensor, p: TrlParams) -> torch.Tensor:
     ls = p.label_smoothing
+    if ls == 0:  # not ``... - logsigmoid(-x) * 0``: that is NaN at x = inf (forward_kl overflows)
+        return -F.logsigmoid(p.beta * delta)
     return -F.logsigmoid(p.beta * delta) * (1 - ls) - F.logsigmoid(-p.beta * delta) * ls
 
 
