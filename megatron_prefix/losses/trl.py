@@ -237,11 +237,16 @@ def ld_tails(token_logps: torch.Tensor, token_resp: torch.Tensor, token_pos: tor
     """LD-DPO tails ``(tail_c, tail_r)`` [P]: the summed log-probs of the tokens of each pair's responses at
     response positions ``>= min(n_c, n_r)`` (the part past the shared, "public" length). Sums over the
     tokens given (a CP rank's share; the caller completes them across CP)."""
-    shared = torch.minimum(lengths[chosen], lengths[rejected])
-    past = token_pos[:, None] >= shared[None, :]  # [N, P]
-    lp = token_logps[:, None]
-    tail_c = torch.where(past & (token_resp[:, None] == chosen[None, :]), lp, 0.0).sum(0)
-    tail_r = torch.where(past & (token_resp[:, None] == rejected[None, :]), lp, 0.0).sum(0)
+    shared = torch.minimum(lengths[chosen], lengths[rejected]).long()
+    width = int(token_pos.max()) + 2 if token_pos.numel() else 1
+    # dense [R, width] by (response, position), then suffix sums: suffix[i, L] = sum over positions >= L
+    dense = token_logps.new_zeros(int(lengths.numel()), width).index_put(
+        (token_resp.long(), token_pos.long()), token_logps, accumulate=True
+    )
+    suffix = dense.flip(1).cumsum(1).flip(1)
+    shared = shared.clamp(max=width - 1)  # at or past the last held position: an empty tail
+    tail_c = suffix[chosen, shared]
+    tail_r = suffix[rejected, shared]
     return tail_c, tail_r
 
 

@@ -169,7 +169,7 @@ def _gather_dp(local: torch.Tensor, device: torch.device) -> tuple[torch.Tensor,
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, size, group=group)
     sizes = [int(x) for x in sizes]
-    padded = torch.zeros(max(sizes), local.shape[1], dtype=local.dtype, device=device)
+    padded = torch.zeros(max(max(sizes), 1), local.shape[1], dtype=local.dtype, device=device)
     padded[: local.shape[0]] = local.to(device)
     parts = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(parts, padded, group=group)
