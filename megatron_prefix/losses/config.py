@@ -89,11 +89,6 @@ class LossConfig:
         """The single type, or ``"mix"`` for several."""
         return self.types[0] if len(self.types) == 1 else "mix"
 
-    @property
-    def needs_reference(self) -> bool:
-        """Some type reads reference log-probs."""
-        return any(t not in NO_REFERENCE for t in self.types) and not any(t in REWARD_TYPES for t in self.types)
-
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending ``loss.*`` field."""
         types = self.types

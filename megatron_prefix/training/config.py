@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from megatron_prefix.attention.backends import AttentionConfig
 from megatron_prefix.config import require
 from megatron_prefix.data.batching import BatchConfig
+from megatron_prefix.losses.config import NO_REFERENCE
 from megatron_prefix.losses.registry import LossConfig
 from megatron_prefix.model.config import ModelConfig
 from megatron_prefix.training.checkpoint import CheckpointConfig
 from megatron_prefix.training.metrics import LoggingConfig
 
 TASKS = ("dpo", "rm")
-REFERENCE_FREE = ("simpo", "orpo", "sft")  # loss types that read no reference log-probs
+REFERENCE_FREE = NO_REFERENCE  # loss types that read no reference log-probs: simpo, orpo, sft
 REWARD_LOSSES = ("bt", "rm_pl")
 
 
