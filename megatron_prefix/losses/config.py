@@ -40,8 +40,9 @@ class LossConfig:
       Unused by ``bt`` / ``rm_pl``.
     - ``label_smoothing``: conservative DPO (``sigmoid``), ``robust``, ``simpo``, ``aot``,
       ``aot_unpaired`` and EXO's epsilon (``exo_pair``, must be > 0); in [0, 0.5).
-    - ``f_divergence`` / ``f_alpha_divergence_coef``: TRL ``f_divergence_type`` (reverse_kl, forward_kl,
-      js_divergence, alpha_divergence) and its alpha (default 0.5, as TRL).
+    - ``f_divergence``: TRL ``f_divergence_type``: reverse_kl, forward_kl, js_divergence or
+      alpha_divergence (TRL DPO types only).
+    - ``f_alpha_divergence_coef``: the alpha of ``alpha_divergence`` (default 0.5, as TRL).
     - ``discopop_tau``: DiscoPOP's temperature (TRL default 0.05).
     - ``use_weighting``: WPO weights ``w_c * w_r`` on every per-pair loss (TRL ``use_weighting``).
     - ``ld_alpha``: LD-DPO's weight of the tokens past the pair's shared length (TRL ``ld_alpha``).
@@ -107,8 +108,8 @@ class LossConfig:
                 isinstance(w, (list, tuple)) and all(_is_number(x) for x in w), "loss.weights",
                 f"must be a list of numbers, got {w!r}",
             )  # fmt: skip
-            require(len(w) == len(types), "loss.weights", f"needs one weight per loss.type entry ({len(types)}), "
-                    f"got {len(w)}")  # fmt: skip
+            n = len(w) if isinstance(w, (list, tuple)) else len(types)  # (a non-list was reported just above)
+            require(n == len(types), "loss.weights", f"needs one weight per loss.type entry ({len(types)}), got {n}")
         t = self.name
         require(_is_number(self.beta) and self.beta > 0, "loss.beta", f"must be a positive number, got {self.beta!r}")
         ls = self.label_smoothing
@@ -118,7 +119,7 @@ class LossConfig:
             f"is only used by {SMOOTHED}, not {t!r}; set it to 0",
         )  # fmt: skip
         require(
-            ls > 0 or "exo_pair" not in types, "loss.label_smoothing",
+            (_is_number(ls) and ls > 0) or "exo_pair" not in types, "loss.label_smoothing",
             "exo_pair needs label_smoothing > 0 (EXO's epsilon; the paper uses 1e-3)",
         )  # fmt: skip
         self._validate_trl_options()
