@@ -20,8 +20,18 @@ from megatron_prefix.losses import (
     groups,
     preference_pairs,
 )
+from megatron_prefix.losses.plan import make_plans, needs_plan, pair_stats
 
 D = torch.float64
+
+
+def cfg_for(loss_type: str, **kwargs) -> LossConfig:
+    """A valid config for ``loss_type`` (exo_pair needs label_smoothing > 0)."""
+    if loss_type == "exo_pair":
+        kwargs.setdefault("label_smoothing", 1e-3)
+    cfg = LossConfig(type=loss_type, **kwargs)
+    cfg.validate()
+    return cfg
 
 
 def nls(x: float) -> float:
@@ -150,9 +160,8 @@ def test_ipo_uses_length_averaged_logps():
     out = run(type="ipo", beta=beta)
     want = sum((dpo_logits(c, r, avg=True) - 1 / (2 * beta)) ** 2 for c, r in ALL_PAIRS)
     assert out.loss_sum.item() == pytest.approx(want)
-    assert out.metrics["chosen_rewards"].item() == pytest.approx(
-        sum(beta * (PI[c] - REF[c]) / N[c] for c, _ in ALL_PAIRS)
-    )
+    # TRL 1.x logs the plain (summed) implicit rewards for every loss type, ipo included
+    assert out.metrics["chosen_rewards"].item() == pytest.approx(sum(beta * (PI[c] - REF[c]) for c, _ in ALL_PAIRS))
 
 
 def test_robust():
@@ -299,7 +308,7 @@ def test_gradients_finite(loss_type, dtype):
         unit_ids=torch.tensor(UNIT), scores=t(SCORE), policy_logps=pi, ref_logps=t(REF, dtype),
         token_counts=torch.tensor(N), rewards=rw,
     )  # fmt: skip
-    out = compute_loss(LossConfig(type=loss_type), b)
+    out = compute_loss(cfg_for(loss_type), b)
     out.loss_sum.backward()
     assert torch.isfinite(out.loss_sum)
     grad = rw.grad if loss_type in ("bt", "rm_pl") else pi.grad
@@ -313,7 +322,7 @@ def test_no_pairs_keeps_graph(loss_type):
     rw = t([0.5, 0.1]).requires_grad_(True)
     b = LossInputs(unit_ids=torch.tensor([1, 1]), scores=t([1.0, 1.0]), policy_logps=pi, ref_logps=t([-1.0, -1.0]),
                    token_counts=torch.tensor([1, 1]), rewards=rw)  # fmt: skip
-    out = compute_loss(LossConfig(type=loss_type), b)
+    out = compute_loss(cfg_for(loss_type), b)
     assert out.count == 0 and out.loss_sum.item() == 0.0
     out.loss_sum.backward()  # attached to the graph: DDP-safe on a micro-batch with no pairs
 
@@ -335,13 +344,19 @@ def test_normalisation_invariant_to_micro_batching(loss_type, pairs):
         "rewards": torch.randn(r, generator=g, dtype=D),
         "slots": torch.tensor([0, 1, 2, 3, 0, 1, 0, 1, 2, 0, 1, 2]),
     }
-    cfg = LossConfig(type=loss_type, pairs=pairs)
+    cfg = cfg_for(loss_type, pairs=pairs)
     one = compute_loss(cfg, LossInputs(**full))
     assert one.count == count_pairs(cfg, full["unit_ids"], full["scores"])
     # two micro-batches by unit (units 3 and 5 | units 8 and 1), responses shuffled inside each (the tied
     # best of unit 3 and tied best of unit 1 change input order: best_worst follows slots, not positions)
     parts = [torch.tensor([10, 2, 9, 1, 0, 3, 11]), torch.tensor([7, 4, 6, 5, 8])]
-    outs = [compute_loss(cfg, LossInputs(**{k: v[idx] for k, v in full.items()})) for idx in parts]
+    batches = [LossInputs(**{k: v[idx] for k, v in full.items()}) for idx in parts]
+    if needs_plan(cfg):  # batch-level types (aot, aot_unpaired, sft): the global batch's plan, as the step makes it
+        stats = [pair_stats(cfg, b) for b in batches]
+        plans = make_plans(cfg, torch.cat(stats), [s.shape[0] for s in stats])
+        for b, plan in zip(batches, plans):
+            b.plan = plan
+    outs = [compute_loss(cfg, b) for b in batches]
     total = sum(o.count for o in outs)
     assert total == one.count > 0
     got = sum(o.loss_sum for o in outs) / total
@@ -398,6 +413,7 @@ def test_config_from_yaml_dict():
     )
     cfg.validate()
     for name in LOSSES:
-        LossConfig(type=name).validate()  # defaults are valid for every type
+        if name != "exo_pair":  # EXO needs label_smoothing > 0 (as TRL)
+            LossConfig(type=name).validate()  # defaults are valid for every other type
     with pytest.raises(ValueError, match="loss.gamma"):
         from_dict(LossConfig, {"gamma": 1.0}, "loss")

@@ -2,11 +2,12 @@
 
 Entry point: ``compute_loss(cfg: LossConfig, batch: LossInputs) -> LossOutput`` (sums, not means; the
 normalisation contract is in ``losses/registry.py``). Pair/group construction is in ``losses/pairs.py``,
-policy losses (DPO family, SimPO, ORPO, listwise DPO) in ``losses/dpo.py``, reward-model losses in
+TRL 1.x DPOTrainer losses in ``losses/trl.py``, other policy losses (SimPO, ORPO, listwise DPO) in
+``losses/dpo.py``, the ``loss:`` config in ``losses/config.py``, reward-model losses in
 ``losses/reward.py``.
 """
 
-from megatron_prefix.losses.dpo import dpo_loss, dpo_plackett_luce, orpo_loss, rpo_nll, simpo_loss
+from megatron_prefix.losses.dpo import dpo_plackett_luce, orpo_loss, rpo_nll, simpo_loss
 from megatron_prefix.losses.pairs import PAIR_MODES, Groups, groups, plackett_luce_nll, preference_pairs
 from megatron_prefix.losses.registry import (
     DPO_TYPES,
@@ -15,12 +16,15 @@ from megatron_prefix.losses.registry import (
     REF_FREE_TYPES,
     REWARD_TYPES,
     TRL_METRIC_NAMES,
+    TRL_TYPES,
+    BatchPlan,
     LossConfig,
     LossInputs,
     LossOutput,
     LossSpec,
     compute_loss,
     count_pairs,
+    loss_pairs,
 )
 from megatron_prefix.losses.reward import bt_loss, rm_plackett_luce
 
@@ -32,6 +36,8 @@ __all__ = [
     "REF_FREE_TYPES",
     "REWARD_TYPES",
     "TRL_METRIC_NAMES",
+    "TRL_TYPES",
+    "BatchPlan",
     "Groups",
     "LossConfig",
     "LossInputs",
@@ -40,9 +46,9 @@ __all__ = [
     "bt_loss",
     "compute_loss",
     "count_pairs",
-    "dpo_loss",
     "dpo_plackett_luce",
     "groups",
+    "loss_pairs",
     "orpo_loss",
     "plackett_luce_nll",
     "preference_pairs",

@@ -1,4 +1,7 @@
-"""Policy-side preference losses: the DPO family (needs a reference), SimPO, ORPO, listwise DPO.
+"""Policy-side preference losses outside TRL's DPOTrainer: SimPO, ORPO, listwise DPO, the RPO NLL term.
+
+The TRL 1.x DPOTrainer loss types (``sigmoid``, ``hinge``, ``ipo``, ``robust`` and the rest) are in
+``losses/trl.py``; the notes below on them describe the TRL < 1.0 behaviour this project started from.
 
 Every function takes per-pair tensors (already gathered by ``chosen_idx`` / ``rejected_idx``) and returns
 ``(losses [P], metrics)`` where ``metrics`` holds per-pair ``chosen_rewards`` / ``rejected_rewards`` (and
@@ -44,9 +47,6 @@ from megatron_prefix.losses.pairs import Groups, plackett_luce_nll
 
 Metrics = dict[str, torch.Tensor]
 
-DPO_PAIR_TYPES = ("sigmoid", "hinge", "ipo", "robust")
-
-
 def _avg(logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logps / tokens.to(logps.dtype).clamp(min=1.0)
 
@@ -65,53 +65,6 @@ def smoothed_sigmoid(logits: torch.Tensor, beta: float, label_smoothing: float =
 def rpo_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
     """Per-pair NLL of the chosen response, averaged over its tokens: ``-logp / n`` [P]."""
     return -_avg(chosen_logps, chosen_tokens)
-
-
-def dpo_loss(
-    loss_type: str,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    chosen_tokens: torch.Tensor,
-    rejected_tokens: torch.Tensor,
-    *,
-    beta: float,
-    label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, Metrics]:
-    """Pairwise DPO loss ``loss_type`` in ``DPO_PAIR_TYPES`` (TRL ``dpo_loss``), per pair [P].
-
-    Returns ``(losses, {"chosen_rewards", "rejected_rewards"})`` with the implicit rewards
-    ``beta * (logp - ref_logp)`` (length-averaged for ``ipo``, as TRL), detached.
-    """
-    if loss_type == "ipo":
-        chosen_logps, ref_chosen_logps = (
-            _avg(chosen_logps, chosen_tokens),
-            _avg(ref_chosen_logps, chosen_tokens),
-        )
-        rejected_logps = _avg(rejected_logps, rejected_tokens)
-        ref_rejected_logps = _avg(ref_rejected_logps, rejected_tokens)
-    chosen_ratio = chosen_logps - ref_chosen_logps
-    rejected_ratio = rejected_logps - ref_rejected_logps
-    logits = chosen_ratio - rejected_ratio
-    if loss_type == "sigmoid":
-        losses = smoothed_sigmoid(logits, beta, label_smoothing)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * logits)
-    elif loss_type == "ipo":
-        losses = (logits - 1 / (2 * beta)) ** 2
-    elif loss_type == "robust":
-        losses = (
-            -F.logsigmoid(beta * logits) * (1 - label_smoothing)
-            + F.logsigmoid(-beta * logits) * label_smoothing
-        ) / (1 - 2 * label_smoothing)
-    else:
-        raise ValueError(f"loss.type: unknown DPO loss {loss_type!r}; expected one of {DPO_PAIR_TYPES}")
-    metrics = {
-        "chosen_rewards": (beta * chosen_ratio).detach(),
-        "rejected_rewards": (beta * rejected_ratio).detach(),
-    }
-    return losses, metrics
 
 
 def simpo_loss(

@@ -24,31 +24,41 @@ implied pairs. So a unit's weight in the gradient does not depend on the normali
 one global constant per step), K = 2 gives exactly the pairwise ``sigmoid`` / ``bt`` mean, and pairwise
 and listwise metrics are comparable.
 
-Registry names: DPO family (needs ``ref_logps``) ``sigmoid``, ``hinge``, ``ipo``, ``robust``, ``dpo_pl``;
-reference-free ``simpo``, ``orpo``; reward model (needs ``rewards``) ``bt``, ``rm_pl``. Formulas and option
-names follow TRL; see ``losses/dpo.py`` and ``losses/reward.py``.
+Registry names: the TRL 1.x DPOTrainer types (``losses/trl.py``: ``sigmoid``, ``hinge``, ``ipo``,
+``exo_pair``, ``nca_pair``, ``robust``, ``bco_pair``, ``sppo_hard``, ``aot``, ``aot_unpaired``,
+``apo_zero``, ``apo_down``, ``discopop``, ``sft``, ``sigmoid_norm``; a list of them with ``weights`` is a
+weighted sum, as TRL's), listwise ``dpo_pl``; reference-free ``simpo``, ``orpo``; reward model (needs
+``rewards``) ``bt``, ``rm_pl``. Formulas and option names follow TRL; see ``losses/trl.py``,
+``losses/dpo.py``, ``losses/reward.py`` and ``docs/losses.md``.
+
+Batch-level TRL types (``aot``, ``aot_unpaired`` sort the batch; ``sft`` is a token mean over the batch)
+read the global batch's statistics from ``LossInputs.plan``, so a micro-batch computes exactly its share of
+the global-batch loss; without a plan the batch given is taken as the whole batch.
 
 Pure torch (no megatron, no torch.distributed).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from megatron_prefix.config import require
-from megatron_prefix.losses import dpo, reward
-from megatron_prefix.losses.pairs import PAIR_MODES, Groups, groups, preference_pairs
+from megatron_prefix.losses import dpo, reward, trl
+from megatron_prefix.losses.config import (
+    DPO_TYPES,
+    LISTWISE_TYPES,
+    NO_REFERENCE,
+    REF_FREE_TYPES,
+    REWARD_TYPES,
+    TRL_TYPES,
+    LossConfig,
+)
+from megatron_prefix.losses.pairs import Groups, groups, preference_pairs
+from megatron_prefix.losses.plan import BatchPlan
 
 Metrics = dict[str, torch.Tensor]
-
-DPO_TYPES = ("sigmoid", "hinge", "ipo", "robust", "dpo_pl")
-REF_FREE_TYPES = ("simpo", "orpo")
-REWARD_TYPES = ("bt", "rm_pl")
-LISTWISE_TYPES = ("dpo_pl", "rm_pl")
 
 # Our metric keys -> the names TRL logs (for users reading TRL dashboards).
 TRL_METRIC_NAMES = {
@@ -63,97 +73,27 @@ TRL_METRIC_NAMES = {
     "log_odds_chosen": "log_odds_chosen",
 }
 
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-@dataclass
-class LossConfig:
-    """The ``loss:`` section. Names follow TRL (DPOConfig, CPOConfig, ORPOConfig, RewardConfig).
-
-    - ``type``: a ``LOSSES`` name.
-    - ``beta``: DPO/IPO/SimPO temperature; for ``orpo`` it is ORPO's lambda (TRL ``ORPOConfig.beta``).
-      Unused by ``bt`` / ``rm_pl``.
-    - ``label_smoothing``: conservative DPO (``sigmoid``), ``robust`` and ``simpo``; in [0, 0.5).
-    - ``rpo_alpha``: weight of the chosen-response NLL added to any DPO-family loss (TRL DPOConfig).
-    - ``simpo_gamma``: TRL CPOConfig's SimPO target margin (absolute, not the gamma/beta ratio).
-    - ``cpo_alpha``: TRL CPOConfig's NLL weight, used with ``simpo`` (default 0 here = pure SimPO).
-    - ``margin``: ``bt`` only: ``None``, ``"scores"`` (score_chosen - score_rejected) or a constant.
-    - ``center_rewards_coefficient``: TRL RewardConfig's centering weight (``bt``, ``rm_pl``).
-    - ``pairs``: ``"all"`` or ``"best_worst"`` (pairwise types; listwise types always use ``"all"``).
-    """
-
-    type: str = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    rpo_alpha: float | None = None
-    simpo_gamma: float = 0.5
-    cpo_alpha: float = 0.0
-    margin: float | str | None = None
-    center_rewards_coefficient: float | None = None
-    pairs: str = "all"
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the offending ``loss.*`` field."""
-        t = self.type
-        require(t in LOSSES, "loss.type", f"must be one of {sorted(LOSSES)}, got {t!r}")
-        require(
-            _is_number(self.beta) and self.beta > 0,
-            "loss.beta",
-            f"must be a positive number, got {self.beta!r}",
-        )
-        ls = self.label_smoothing
-        require(_is_number(ls) and 0 <= ls < 0.5, "loss.label_smoothing", f"must be in [0, 0.5), got {ls!r}")
-        require(
-            ls == 0 or t in ("sigmoid", "robust", "simpo"),
-            "loss.label_smoothing",
-            f"is only used by sigmoid, robust and simpo, not {t!r}; set it to 0",
-        )
-        if self.rpo_alpha is not None:
-            a = self.rpo_alpha
-            require(_is_number(a) and a >= 0, "loss.rpo_alpha", f"must be null or >= 0, got {a!r}")
-            require(t in DPO_TYPES, "loss.rpo_alpha", f"applies to the DPO family {DPO_TYPES}, not {t!r}")
-        require(
-            _is_number(self.simpo_gamma), "loss.simpo_gamma", f"must be a number, got {self.simpo_gamma!r}"
-        )
-        c = self.cpo_alpha
-        require(_is_number(c) and c >= 0, "loss.cpo_alpha", f"must be >= 0, got {c!r}")
-        require(c == 0 or t == "simpo", "loss.cpo_alpha", f"is only used by simpo, not {t!r}; set it to 0")
-        m = self.margin
-        require(
-            m is None or m == "scores" or _is_number(m),
-            "loss.margin",
-            f"must be null, 'scores' or a number, got {m!r}",
-        )
-        require(m is None or t == "bt", "loss.margin", f"is only used by bt, not {t!r}")
-        cr = self.center_rewards_coefficient
-        if cr is not None:
-            require(
-                _is_number(cr) and cr >= 0,
-                "loss.center_rewards_coefficient",
-                f"must be null or >= 0, got {cr!r}",
-            )
-            require(
-                t in REWARD_TYPES, "loss.center_rewards_coefficient", f"applies to {REWARD_TYPES}, not {t!r}"
-            )
-        require(self.pairs in PAIR_MODES, "loss.pairs", f"must be one of {PAIR_MODES}, got {self.pairs!r}")
-        require(
-            self.pairs == "all" or t not in LISTWISE_TYPES,
-            "loss.pairs",
-            f"listwise type {t!r} ranks whole units; use pairs='all'",
-        )
+__all__ = [
+    "DPO_TYPES", "LISTWISE_TYPES", "LOSSES", "REF_FREE_TYPES", "REWARD_TYPES", "TRL_METRIC_NAMES", "TRL_TYPES",
+    "BatchPlan", "LossConfig", "LossInputs", "LossOutput", "LossSpec", "compute_loss", "count_pairs", "loss_pairs",
+]  # fmt: skip
 
 
 @dataclass(kw_only=True)
 class LossInputs:
-    """Per-response tensors of one micro-batch, all [R] in the same response order.
+    """Per-response tensors of one micro-batch, all [R] in the same response order (unless noted).
 
     ``policy_logps`` / ``ref_logps``: summed log-probs of each response; ``token_counts``: response
     lengths; ``unit_ids`` / ``scores``: ``PackedRow.resp_unit`` / ``resp_scores``; ``rewards``: reward-model
     outputs; ``slots``: optional ``PackedRow.resp_slot``, the tie-break of ``pairs="best_worst"``
-    (without it ties go to the first response in input order). Which are required depends on the loss type (``LossSpec.needs``). ``unit_ids`` and ``scores``
-    may stay on the CPU (pair indices are built there and moved to the values' device).
+    (without it ties go to the first response in input order). Which are required depends on the loss
+    type (``LossSpec.needs``). ``unit_ids`` and ``scores`` may stay on the CPU (pair indices are built
+    there and moved to the values' device).
+
+    TRL options: ``wpo_logw`` [R] (``use_weighting``): the per-response sum of WPO's aligned token
+    log-probs (``trl.wpo_log_weight``); ``ld_tails`` / ``ref_ld_tails`` (``ld_alpha``): per-pair
+    ``(tail_c, tail_r)`` [P] in ``loss_pairs`` order (``trl.ld_tails``, complete across CP); ``plan``:
+    the global batch's statistics (``BatchPlan``; None: this batch is the whole batch).
     """
 
     unit_ids: torch.Tensor
@@ -163,17 +103,22 @@ class LossInputs:
     token_counts: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
     slots: torch.Tensor | None = None
+    wpo_logw: torch.Tensor | None = None
+    ld_tails: tuple[torch.Tensor, torch.Tensor] | None = None
+    ref_ld_tails: tuple[torch.Tensor, torch.Tensor] | None = None
+    plan: BatchPlan | None = None
 
     def check(self, needs: tuple[str, ...], loss_type: str) -> None:
-        """Raise ``ValueError`` if a needed tensor is missing or any tensor is not [R]."""
+        """Raise ``ValueError`` if a needed tensor is missing or any per-response tensor is not [R]."""
         r = self.unit_ids.shape
-        for name in ("unit_ids", "scores", "policy_logps", "ref_logps", "token_counts", "rewards", "slots"):
+        names = ("unit_ids", "scores", "policy_logps", "ref_logps", "token_counts", "rewards", "slots", "wpo_logw")
+        for name in names + ("ld_tails", "ref_ld_tails"):
             value = getattr(self, name)
             if value is None:
                 if name in needs:
                     raise ValueError(f"loss inputs: {name} is required by loss.type={loss_type!r}")
                 continue
-            if value.dim() != 1 or value.shape != r:
+            if name in names and (value.dim() != 1 or value.shape != r):
                 raise ValueError(f"loss inputs: {name} must have shape {tuple(r)}, got {tuple(value.shape)}")
 
 
@@ -192,22 +137,62 @@ ListFn = Callable[[LossConfig, LossInputs, Groups], tuple[torch.Tensor, torch.Te
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A registry entry: ``kind`` is ``"pair"`` (``fn: PairFn``) or ``"list"`` (``fn: ListFn``)."""
+    """A registry entry: ``kind`` is ``"pair"`` (``fn: PairFn``, returns per-pair losses), ``"sum"``
+    (``fn: PairFn``, returns the summed loss) or ``"list"`` (``fn: ListFn``)."""
 
     kind: str
     needs: tuple[str, ...]
     fn: Callable
 
 
-def _dpo_pair(
-    cfg: LossConfig, b: LossInputs, c: torch.Tensor, r: torch.Tensor
-) -> tuple[torch.Tensor, Metrics]:
-    pi, ref, n = b.policy_logps, b.ref_logps, b.token_counts
-    n_c = n[c] if n is not None else None
-    n_r = n[r] if n is not None else None
-    return dpo.dpo_loss(
-        cfg.type, pi[c], pi[r], ref[c], ref[r], n_c, n_r, beta=cfg.beta, label_smoothing=cfg.label_smoothing
-    )
+def _trl(cfg: LossConfig, b: LossInputs, c: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    """Every TRL type and mix (``losses/trl.py``): ``(loss_sum, metrics)`` of the pairs ``(c, r)``."""
+    pi, n = b.policy_logps, b.token_counts
+    ref = b.ref_logps if b.ref_logps is not None else torch.zeros_like(pi)  # sft alone: no reference
+    nll = -pi[c]  # sft reads the plain chosen log-probs (TRL: cross-entropy of the logits)
+    pi_c, pi_r = trl.ld_weighted(pi[c], pi[r], b.ld_tails, cfg.ld_alpha)
+    ref_c, ref_r = trl.ld_weighted(ref[c], ref[r], b.ref_ld_tails if b.ref_logps is not None else None, cfg.ld_alpha)
+    n_c = n[c] if n is not None else torch.ones_like(pi_c)
+    n_r = n[r] if n is not None else torch.ones_like(pi_r)
+    clr, rlr = pi_c - ref_c, pi_r - ref_r
+    fd, alpha = cfg.f_divergence, cfg.f_alpha_divergence_coef
+    terms = trl.PairTerms(clr=clr, rlr=rlr, cs=trl.f_scores(clr, fd, alpha), rs=trl.f_scores(rlr, fd, alpha),
+                          n_c=n_c, n_r=n_r, pi_c=pi_c, pi_r=pi_r, ref_c=ref_c, ref_r=ref_r)  # fmt: skip
+    plan = b.plan
+    if "aot" in cfg.types:
+        terms.aot_ref = plan.aot_ref.to(pi) if plan is not None else trl.aot_plan((pi_c - pi_r).detach(), ref_c - ref_r)
+    if "aot_unpaired" in cfg.types:
+        if plan is not None:
+            terms.unpaired_r, terms.unpaired_c = plan.unpaired_r.to(pi), plan.unpaired_c.to(pi)
+        else:
+            terms.unpaired_r, terms.unpaired_c = trl.aot_unpaired_plan(clr.detach(), rlr.detach())
+    params = trl.TrlParams(beta=cfg.beta, label_smoothing=cfg.label_smoothing, discopop_tau=cfg.discopop_tau)
+    pair_w = None
+    if cfg.use_weighting:
+        w = torch.exp(b.wpo_logw / n.to(b.wpo_logw.dtype).clamp(min=1.0)).to(pi.dtype)
+        pair_w = w[c] * w[r]
+    total = pi.new_zeros(())
+    for loss_type, weight in zip(cfg.types, cfg.loss_weights):
+        if loss_type == "sft":
+            num_pairs, tokens = (plan.num_pairs, plan.chosen_tokens) if plan is not None else (
+                float(c.numel()), float(n_c.sum()))  # fmt: skip
+            per_pair = trl.sft_scale(num_pairs, tokens) * nll
+        else:
+            per_pair = trl.PAIR_LOSSES[loss_type](terms, params)
+        if pair_w is not None:
+            per_pair = per_pair * pair_w
+        total = total + weight * per_pair.sum()
+    m = {
+        "chosen_rewards": (cfg.beta * clr).detach(),
+        "rejected_rewards": (cfg.beta * rlr).detach(),
+        "policy_chosen_logps": pi_c.detach(),
+        "policy_rejected_logps": pi_r.detach(),
+    }
+    if b.ref_logps is not None:
+        m["ref_chosen_logps"], m["ref_rejected_logps"] = ref_c.detach(), ref_r.detach()
+    if pair_w is not None:
+        m["wpo_weight"] = pair_w.detach()
+    return total, m
 
 
 def _simpo(cfg: LossConfig, b: LossInputs, c: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
@@ -241,11 +226,13 @@ def _rm_pl(cfg: LossConfig, b: LossInputs, grp: Groups) -> tuple[torch.Tensor, t
 
 
 _POLICY_REF = ("policy_logps", "ref_logps")
+_COUNTS = ("token_counts",)
+_TRL_NEEDS = {
+    t: (("policy_logps",) if t in NO_REFERENCE else _POLICY_REF) + (_COUNTS if t in ("ipo", "sigmoid_norm", "sft") else ())
+    for t in TRL_TYPES
+}  # fmt: skip
 LOSSES: dict[str, LossSpec] = {
-    "sigmoid": LossSpec("pair", _POLICY_REF, _dpo_pair),
-    "hinge": LossSpec("pair", _POLICY_REF, _dpo_pair),
-    "ipo": LossSpec("pair", _POLICY_REF + ("token_counts",), _dpo_pair),
-    "robust": LossSpec("pair", _POLICY_REF, _dpo_pair),
+    **{t: LossSpec("sum", _TRL_NEEDS[t], _trl) for t in TRL_TYPES},
     "dpo_pl": LossSpec("list", _POLICY_REF, _dpo_pl),
     "simpo": LossSpec("pair", ("policy_logps", "token_counts"), _simpo),
     "orpo": LossSpec("pair", ("policy_logps", "token_counts"), _orpo),
@@ -255,24 +242,42 @@ LOSSES: dict[str, LossSpec] = {
 
 
 def _spec(cfg: LossConfig) -> LossSpec:
-    if cfg.type not in LOSSES:
-        raise ValueError(f"loss.type: must be one of {sorted(LOSSES)}, got {cfg.type!r}")
-    return LOSSES[cfg.type]
+    for t in cfg.types:
+        if t not in LOSSES:
+            raise ValueError(f"loss.type: must be one of {sorted(LOSSES)}, got {t!r}")
+    return LOSSES[cfg.types[0]]
+
+
+def _needs(cfg: LossConfig) -> tuple[str, ...]:
+    needs = tuple(dict.fromkeys(x for t in cfg.types for x in LOSSES[t].needs))
+    if cfg.rpo_alpha is not None or cfg.use_weighting:
+        needs += ("token_counts",)
+    if cfg.use_weighting:
+        needs += ("wpo_logw",)
+    if cfg.ld_alpha is not None:
+        needs += ("ld_tails",) + (("ref_ld_tails",) if "ref_logps" in needs else ())
+    return needs
 
 
 def _pair_mode(cfg: LossConfig) -> str:
-    return "all" if cfg.type in LISTWISE_TYPES else cfg.pairs
+    return "all" if cfg.name in LISTWISE_TYPES else cfg.pairs
+
+
+def loss_pairs(cfg: LossConfig, unit_ids: torch.Tensor, scores: torch.Tensor,
+               slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(chosen_idx, rejected_idx)`` pairs ``compute_loss`` uses, in its order."""
+    _spec(cfg)
+    return preference_pairs(unit_ids, scores, _pair_mode(cfg), slots)
 
 
 def count_pairs(cfg: LossConfig, unit_ids: torch.Tensor, scores: torch.Tensor) -> int:
     """The ``count`` ``compute_loss`` will return for these responses (no forward pass needed)."""
-    _spec(cfg)
-    return int(preference_pairs(unit_ids, scores, _pair_mode(cfg))[0].numel())  # tie-break never changes it
+    return int(loss_pairs(cfg, unit_ids, scores)[0].numel())  # the tie-break never changes it
 
 
 def _on_device(batch: LossInputs, cfg: LossConfig) -> LossInputs:
     """Move everything to the device of the differentiable values; half precision is upcast to float32."""
-    values = batch.rewards if cfg.type in REWARD_TYPES else batch.policy_logps
+    values = batch.rewards if cfg.name in REWARD_TYPES else batch.policy_logps
     dev = values.device
 
     def real(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -280,6 +285,9 @@ def _on_device(batch: LossInputs, cfg: LossConfig) -> LossInputs:
             return None
         x = x.to(dev)
         return x.float() if x.dtype in (torch.float16, torch.bfloat16) or not x.is_floating_point() else x
+
+    def pair(x: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if x is None else (real(x[0]), real(x[1]))
 
     return LossInputs(
         unit_ids=batch.unit_ids.to(dev),
@@ -289,6 +297,10 @@ def _on_device(batch: LossInputs, cfg: LossConfig) -> LossInputs:
         token_counts=real(batch.token_counts),
         rewards=real(batch.rewards),
         slots=batch.slots,
+        wpo_logw=real(batch.wpo_logw),
+        ld_tails=pair(batch.ld_tails),
+        ref_ld_tails=pair(batch.ref_ld_tails),
+        plan=batch.plan,
     )
 
 
@@ -298,15 +310,16 @@ def compute_loss(cfg: LossConfig, batch: LossInputs) -> LossOutput:
     See the module docstring for the normalisation. ``cfg`` should have been ``validate()``-d.
     """
     spec = _spec(cfg)
-    needs = spec.needs + (("token_counts",) if cfg.rpo_alpha is not None else ())
-    batch.check(needs, cfg.type)
-    c, r = preference_pairs(batch.unit_ids, batch.scores, _pair_mode(cfg), batch.slots)
+    batch.check(_needs(cfg), cfg.name)
+    c, r = loss_pairs(cfg, batch.unit_ids, batch.scores, batch.slots)
     grp = groups(batch.unit_ids, batch.scores) if spec.kind == "list" else None
     batch = _on_device(batch, cfg)
     dev = batch.scores.device
     c, r = c.to(dev), r.to(dev)
 
-    if spec.kind == "pair":
+    if spec.kind == "sum":
+        loss_sum, m = spec.fn(cfg, batch, c, r)
+    elif spec.kind == "pair":
         losses, m = spec.fn(cfg, batch, c, r)
         loss_sum = losses.sum()
     else:
@@ -327,10 +340,10 @@ def compute_loss(cfg: LossConfig, batch: LossInputs) -> LossOutput:
     m["margins"] = m["chosen_rewards"] - m["rejected_rewards"]
     m["accuracy"] = (m["chosen_rewards"] > m["rejected_rewards"]).to(m["margins"].dtype)
     if batch.policy_logps is not None:
-        m["policy_chosen_logps"] = batch.policy_logps[c].detach()
-        m["policy_rejected_logps"] = batch.policy_logps[r].detach()
+        m.setdefault("policy_chosen_logps", batch.policy_logps[c].detach())
+        m.setdefault("policy_rejected_logps", batch.policy_logps[r].detach())
     if batch.ref_logps is not None:
-        m["ref_chosen_logps"] = batch.ref_logps[c].detach()
-        m["ref_rejected_logps"] = batch.ref_logps[r].detach()
+        m.setdefault("ref_chosen_logps", batch.ref_logps[c].detach())
+        m.setdefault("ref_rejected_logps", batch.ref_logps[r].detach())
     metrics = {k: v.sum() for k, v in m.items()}
     return LossOutput(loss_sum=loss_sum, count=int(c.numel()), metrics=metrics)

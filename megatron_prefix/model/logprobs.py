@@ -17,6 +17,10 @@ vocabulary and without an fp32 copy of all logits:
   accumulated (``index_add_``) into a zero gradient of ``logits_sbv``'s shape and dtype. Only the
   lse [N] is saved; rows are re-read from the logits tensor (already held by autograd).
 
+WPO (``loss.use_weighting``) also needs ``logsumexp(2x) - 2 logsumexp(x)`` per scored token (the log of
+the probability's squared norm): the same pass sums ``exp(2 (x - local max))`` too, rescaled to the global
+max and SUM-all-reduced like the plain sum, again without gathering the vocabulary (no gradient).
+
 ``response_logprobs`` segment-sums the token log-probs per response and all-reduces across the CP
 group (forward SUM, backward identity: each CP rank's parameter gradients are the contribution of its
 own tokens; the full gradient is their SUM over CP ranks, which megatron's gradient reduction over the
@@ -68,12 +72,14 @@ class ScoringIndex:
 @dataclass
 class ResponseLogprobs:
     """``logps`` [R] fp32 summed log-prob per response (complete across CP), ``num_tokens`` [R] int64,
-    ``token_logps`` [N] fp32 for this rank's scored tokens and ``token_resp`` [N] their response ids."""
+    ``token_logps`` [N] fp32 for this rank's scored tokens and ``token_resp`` [N] their response ids;
+    ``token_log_denom`` [N] WPO's ``lse(2x) - 2 lse(x)`` per scored token (only when asked for)."""
 
     logps: Tensor
     num_tokens: Tensor
     token_logps: Tensor
     token_resp: Tensor
+    token_log_denom: Tensor | None = None
 
 
 def _world(group) -> int:
@@ -88,7 +94,8 @@ class _ScoredTokenLogprob(torch.autograd.Function):
     """logp[n] = x[rows[n], targets[n]] - logsumexp(x[rows[n], :]) over the TP-sharded vocabulary."""
 
     @staticmethod
-    def forward(ctx, logits_2d: Tensor, rows: Tensor, targets: Tensor, tp_group, chunk_rows: int) -> Tensor:
+    def forward(ctx, logits_2d: Tensor, rows: Tensor, targets: Tensor, tp_group, chunk_rows: int,
+                with_wpo: bool = False) -> tuple[Tensor, Tensor]:
         n, v_local = rows.numel(), logits_2d.shape[1]
         start = _vocab_start(tp_group, v_local)
         local_t = targets - start
@@ -96,29 +103,40 @@ class _ScoredTokenLogprob(torch.autograd.Function):
         local_t = torch.where(owned, local_t, torch.zeros_like(local_t))
         row_max = torch.empty(n, dtype=torch.float32, device=logits_2d.device)
         row_sum = torch.empty_like(row_max)
+        row_sum2 = torch.empty_like(row_max) if with_wpo else None  # sum exp(2 (x - max)): WPO
         target_logit = torch.empty_like(row_max)
         for a in range(0, n, chunk_rows):
             z = min(n, a + chunk_rows)
             x = logits_2d.index_select(0, rows[a:z]).float()
             m = x.max(dim=-1).values
             row_max[a:z] = m
-            row_sum[a:z] = torch.exp(x - m[:, None]).sum(dim=-1)
+            e = torch.exp(x - m[:, None])
+            row_sum[a:z] = e.sum(dim=-1)
+            if with_wpo:
+                row_sum2[a:z] = e.square_().sum(dim=-1)
             target_logit[a:z] = x.gather(1, local_t[a:z, None]).squeeze(1)
         target_logit = torch.where(owned, target_logit, torch.zeros_like(target_logit))
         if _world(tp_group) > 1:
             global_max = row_max.clone()
             dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
-            row_sum = row_sum * torch.exp(row_max - global_max)
+            scale = torch.exp(row_max - global_max)
+            row_sum = row_sum * scale
             dist.all_reduce(row_sum, group=tp_group)
+            if with_wpo:
+                row_sum2 = row_sum2 * scale.square()
+                dist.all_reduce(row_sum2, group=tp_group)
             dist.all_reduce(target_logit, group=tp_group)
             row_max = global_max
         lse = torch.log(row_sum) + row_max
+        # lse(2x) - 2 lse(x) = log(sum2) - 2 log(sum): the shared max cancels
+        log_denom = torch.log(row_sum2) - 2.0 * torch.log(row_sum) if with_wpo else row_max.new_empty(0)
+        ctx.mark_non_differentiable(log_denom)
         ctx.save_for_backward(logits_2d, rows, local_t, owned, lse)
         ctx.chunk_rows = chunk_rows
-        return target_logit - lse
+        return target_logit - lse, log_denom
 
     @staticmethod
-    def backward(ctx, grad_logp: Tensor):
+    def backward(ctx, grad_logp: Tensor, grad_denom: Tensor | None = None):
         logits_2d, rows, local_t, owned, lse = ctx.saved_tensors
         grad_2d = torch.zeros_like(logits_2d)
         grad_logp = grad_logp.float()
@@ -129,7 +147,7 @@ class _ScoredTokenLogprob(torch.autograd.Function):
             d = torch.exp(x - lse[a:z, None]).mul_(-g[:, None])
             d.scatter_add_(1, local_t[a:z, None], torch.where(owned[a:z], g, torch.zeros_like(g))[:, None])
             grad_2d.index_add_(0, rows[a:z], d.to(grad_2d.dtype))
-        return grad_2d, None, None, None, None
+        return grad_2d, None, None, None, None, None
 
 
 def token_logprobs(
@@ -145,11 +163,30 @@ def token_logprobs(
     ``logits_sbv`` is [s, b, V/tp] (this rank's vocabulary shard); ``tp_group`` the TP group (None or
     size 1: the full vocabulary is local). Differentiable w.r.t. ``logits_sbv``.
     """
+    return token_logprobs_and_wpo(logits_sbv, pred_s, pred_b, targets, tp_group, chunk_elems, with_wpo=False)[0]
+
+
+def token_logprobs_and_wpo(
+    logits_sbv: Tensor,
+    pred_s: Tensor,
+    pred_b: Tensor,
+    targets: Tensor,
+    tp_group=None,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    with_wpo: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """``token_logprobs`` plus, when ``with_wpo``, WPO's per-token denominator [N] (no gradient):
+    ``logsumexp(2 x) - 2 logsumexp(x)`` over the whole vocabulary, the log of ``sum_v p_v^2``.
+
+    Same single pass over the rows, no vocabulary gather: each TP rank sums ``exp(2 (x - local max))``
+    next to ``exp(x - local max)``; both are rescaled to the global max and all-reduced (SUM).
+    """
     s, b, v_local = logits_sbv.shape
     rows = (pred_s.long() * b + pred_b.long()).to(logits_sbv.device)
     chunk_rows = max(1, chunk_elems // max(1, v_local))
     logits_2d = logits_sbv.reshape(s * b, v_local)
-    return _ScoredTokenLogprob.apply(logits_2d, rows, targets.long().to(logits_sbv.device), tp_group, chunk_rows)
+    targets = targets.long().to(logits_sbv.device)
+    return _ScoredTokenLogprob.apply(logits_2d, rows, targets, tp_group, chunk_rows, with_wpo)
 
 
 class _AllReduceSumIdentityGrad(torch.autograd.Function):
@@ -179,9 +216,13 @@ def response_logprobs(
     tp_group=None,
     cp_group=None,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    with_wpo: bool = False,
 ) -> ResponseLogprobs:
-    """Summed log-prob and token count of every response of the micro-batch (see the module doc)."""
-    tok = token_logprobs(logits_sbv, index.pred_s, index.pred_b, index.targets, tp_group, chunk_elems)
+    """Summed log-prob and token count of every response of the micro-batch (see the module doc);
+    ``with_wpo`` also fills ``token_log_denom`` (``token_logprobs_and_wpo``)."""
+    tok, denom = token_logprobs_and_wpo(
+        logits_sbv, index.pred_s, index.pred_b, index.targets, tp_group, chunk_elems, with_wpo=with_wpo
+    )
     resp = index.resp_ids.to(tok.device)
     local = torch.zeros(index.num_responses, dtype=torch.float32, device=tok.device).index_add(0, resp, tok)
     return ResponseLogprobs(
@@ -189,6 +230,7 @@ def response_logprobs(
         num_tokens=index.resp_lengths.to(tok.device),
         token_logps=tok,
         token_resp=resp,
+        token_log_denom=denom if with_wpo else None,
     )
 
 

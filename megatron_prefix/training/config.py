@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from megatron_prefix.attention.backends import AttentionConfig
 from megatron_prefix.config import require
 from megatron_prefix.data.batching import BatchConfig
+from megatron_prefix.losses.config import NO_REFERENCE
 from megatron_prefix.losses.registry import LossConfig
 from megatron_prefix.model.config import ModelConfig
 from megatron_prefix.training.checkpoint import CheckpointConfig
 from megatron_prefix.training.metrics import LoggingConfig
 
 TASKS = ("dpo", "rm")
-REFERENCE_FREE = ("simpo", "orpo")
+REFERENCE_FREE = NO_REFERENCE  # loss types that read no reference log-probs: simpo, orpo, sft
 REWARD_LOSSES = ("bt", "rm_pl")
 
 
@@ -190,17 +191,21 @@ class TrainConfig:
             require(self.attention.backend != "flex", "attention.backend",
                     "flex attention has no backward on CPU in PyTorch; train on CPU with backend dense")
             require(self.train.dtype in ("auto", "float32"), "train.dtype", "CPU training runs in float32")
+        types = self.loss.types  # loss.type may be a list (a TRL loss mix)
         if self.task == "rm":
-            require(self.loss.type in REWARD_LOSSES, "loss.type",
+            require(all(t in REWARD_LOSSES for t in types), "loss.type",
                     f"reward models use one of {REWARD_LOSSES}, got {self.loss.type!r}")
         else:
-            require(self.loss.type not in REWARD_LOSSES, "loss.type",
+            require(not any(t in REWARD_LOSSES for t in types), "loss.type",
                     f"{self.loss.type!r} is a reward-model loss; use launch/train_rm.py")
-        if self.task == "rm" or self.loss.type in REFERENCE_FREE:
+        if self.task == "rm" or all(t in REFERENCE_FREE for t in types):
             self.reference.mode = "none"
         else:
             require(self.reference.mode != "none", "reference.mode",
                     f"loss {self.loss.type!r} needs reference log-probs: precompute or online")
+            require(self.loss.ld_alpha is None or self.reference.mode == "online", "reference.mode",
+                    "loss.ld_alpha needs reference.mode=online: the precomputed reference holds whole-response "
+                    "sums, not LD-DPO's shared/tail split of each pair")
         require(self.data.global_batch_units >= 1, "data.global_batch_units", "must be >= 1")
 
     def resolved_device(self, cuda: bool) -> str:

@@ -40,7 +40,8 @@ from megatron_prefix.training.reference import (
 )
 from megatron_prefix.training.setup import build_stage, build_trainable, load_state, sharded_state
 from megatron_prefix.training.step import (
-    StepContext, logprob_collector, loss_func, make_microbatches, reduce_report, response_positions, run_schedule,
+    StepContext, attach_plans, logprob_collector, loss_func, make_microbatches, reduce_report, response_positions,
+    run_schedule,
 )
 
 
@@ -299,6 +300,7 @@ class Run:
         rows = self.loader.rows(step)
         mbs = make_microbatches(rows, self.ctx)
         self._attach_reference(mbs)
+        attach_plans(self.ctx, [self.t.model], mbs, self._seq_len())
         self.t.model.zero_grad_buffer()
         self.t.optimizer.zero_grad()
         reports = run_schedule([self.t.model], mbs, partial(loss_func, self.ctx), self._seq_len(), forward_only=False)
@@ -326,6 +328,7 @@ class Run:
         mbs = make_microbatches(rows, self.ctx)
         self._attach_reference(mbs)
         self.t.model.eval()
+        attach_plans(self.ctx, [self.t.model], mbs, self._seq_len())
         with torch.no_grad():
             reports = run_schedule([self.t.model], mbs, partial(loss_func, self.ctx), self._seq_len(), forward_only=True)
         self.t.model.train()

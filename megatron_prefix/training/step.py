@@ -10,23 +10,33 @@ the count.
 
 The reported values are sums; ``reduce_report`` adds them over micro-batches and DP ranks and divides
 by the global count, giving the same numbers however the batch was packed or split.
+
+Batch-level TRL loss types (``aot``, ``aot_unpaired``, ``sft``; ``losses/plan.py``) need statistics of the
+whole global batch before any micro-batch's loss: ``attach_plans`` (called by the runner after the
+reference is attached) gathers per-pair statistics of every micro-batch over the data-parallel group and
+attaches each micro-batch's ``BatchPlan``. ``sft`` only needs counts (no forward pass); ``aot`` and
+``aot_unpaired`` sort the policy's margins, so their plan costs one extra forward-only pass of the policy
+per step (the model has no dropout, so that pass gives the training pass's values exactly).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_prefix.attention.context_parallel import local_positions
 from megatron_prefix.data.row import PackedRow
-from megatron_prefix.losses.registry import LossConfig, LossInputs, compute_loss
+from megatron_prefix.losses import trl
+from megatron_prefix.losses.plan import make_plans, needs_forward, needs_plan, pair_stats
+from megatron_prefix.losses.registry import LossConfig, LossInputs, compute_loss, loss_pairs
 from megatron_prefix.model.batch import MicroBatch
-from megatron_prefix.model.logprobs import last_token_hidden, response_logprobs
+from megatron_prefix.model.logprobs import all_reduce_sum_identity_grad, last_token_hidden, response_logprobs
 
 RefLookup = Callable[[MicroBatch], torch.Tensor]
 
@@ -59,28 +69,63 @@ def response_positions(mb: MicroBatch) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-def policy_outputs(ctx: StepContext, mb: MicroBatch, output_sbv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values [R], token counts [R]): summed log-probs (DPO) or rewards at the last token (RM)."""
+def token_positions(mb: MicroBatch) -> torch.Tensor:
+    """[N] position of each of this CP rank's scored tokens inside its response (0 = first token).
+
+    A response token at row position ``t`` is predicted from ``t - 1``, except the first, predicted from
+    the last prompt position (before ``start``); so ``t = pred + 1`` when that is past ``start``, else
+    ``t = start``.
+    """
+    ix = mb.index
+    full = mb.tokens.shape[1] * mb.cp_size
+    pred = local_positions(full, mb.cp_size, mb.cp_rank)[ix.pred_s.cpu().long()]
+    spans = mb.resp_spans.cpu()[ix.resp_ids.cpu().long()]
+    t = torch.where((pred + 1 > spans[:, 0]) & (pred + 1 < spans[:, 1]), pred + 1, spans[:, 0])
+    return (t - spans[:, 0]).to(ix.targets.device)
+
+
+def _groups(ctx: StepContext):
     cp_group = ps.get_context_parallel_group() if ctx.cp_size > 1 else None
+    tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+    return tp_group, cp_group
+
+
+def loss_inputs(ctx: StepContext, mb: MicroBatch, output_sbv: torch.Tensor, reference: bool = False) -> LossInputs:
+    """What ``compute_loss`` takes for one micro-batch: rewards (RM) or summed log-probs (DPO), plus WPO
+    weights (``use_weighting``), LD-DPO tails (``ld_alpha``, complete across CP) and the attached
+    reference / plan. ``reference``: a reference pass (log-probs and LD tails only)."""
+    tp_group, cp_group = _groups(ctx)
+    dev = output_sbv.device
+    base = {"unit_ids": mb.resp_unit.to(dev), "scores": mb.resp_scores.to(dev), "slots": mb.resp_slot.to(dev)}
     if ctx.task == "rm":
         rewards = last_token_hidden(output_sbv, mb.index, cp_group)[:, 0].float()
-        return rewards, mb.index.resp_lengths.to(rewards.device)
-    tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-    lp = response_logprobs(output_sbv, mb.index, tp_group=tp_group, cp_group=cp_group)
-    return lp.logps, lp.num_tokens
+        return LossInputs(**base, rewards=rewards, token_counts=mb.index.resp_lengths.to(rewards.device))
+    cfg = ctx.loss
+    wpo = cfg.use_weighting and not reference
+    lp = response_logprobs(output_sbv, mb.index, tp_group=tp_group, cp_group=cp_group, with_wpo=wpo)
+    inputs = LossInputs(
+        **base, policy_logps=lp.logps, token_counts=lp.num_tokens,
+        ref_logps=getattr(mb, "ref_logps", None) if ctx.needs_reference and not reference else None,
+        ref_ld_tails=getattr(mb, "ref_ld_tails", None), plan=getattr(mb, "plan", None),
+    )  # fmt: skip
+    if wpo:
+        logw = trl.wpo_log_weight(lp.token_logps, lp.token_log_denom, lp.token_resp, mb.num_responses)
+        if cp_group is not None:
+            dist.all_reduce(logw, group=cp_group)
+        inputs.wpo_logw = logw
+    if cfg.ld_alpha is not None:
+        c, r = loss_pairs(cfg, mb.resp_unit, mb.resp_scores, mb.resp_slot)
+        dev = lp.token_logps.device
+        tails = trl.ld_tails(lp.token_logps, lp.token_resp, token_positions(mb), c.to(dev), r.to(dev),
+                             lp.num_tokens)  # fmt: skip
+        inputs.ld_tails = tuple(all_reduce_sum_identity_grad(x, cp_group) for x in tails)
+    return inputs
 
 
 def loss_func(ctx: StepContext, mb: MicroBatch, output_sbv: torch.Tensor):
     """megatron loss_func: ``(loss_sum, pair_count, report)``; see the module docstring."""
-    values, counts = policy_outputs(ctx, mb, output_sbv)
-    inputs = LossInputs(
-        unit_ids=mb.resp_unit.to(values.device),
-        scores=mb.resp_scores.to(values.device),
-        slots=mb.resp_slot.to(values.device),
-        token_counts=counts,
-        **({"rewards": values} if ctx.task == "rm" else {"policy_logps": values}),
-        ref_logps=getattr(mb, "ref_logps", None) if ctx.needs_reference else None,
-    )
+    inputs = loss_inputs(ctx, mb, output_sbv)
+    assert inputs.plan is not None or not needs_plan(ctx.loss), "attach_plans must run before the schedule"
     out = compute_loss(ctx.loss, inputs)
     # keep the graph connected for rows without pairs (all-padding rows), so every rank runs backward
     loss_sum = out.loss_sum + output_sbv.sum() * 0.0
@@ -93,12 +138,66 @@ def loss_func(ctx: StepContext, mb: MicroBatch, output_sbv: torch.Tensor):
 
 
 def logprob_collector(ctx: StepContext, store: list[torch.Tensor], mb: MicroBatch, output_sbv: torch.Tensor):
-    """A forward-only loss_func that records each micro-batch's per-response values (reference pass)."""
+    """A forward-only loss_func that records each micro-batch's per-response values (reference pass).
+
+    Under ``loss.ld_alpha`` it also attaches the micro-batch's LD tails as ``mb.ref_ld_tails``.
+    """
     with torch.no_grad():
-        values, _ = policy_outputs(ctx, mb, output_sbv)
+        inputs = loss_inputs(ctx, mb, output_sbv, reference=True)
+    values = inputs.rewards if ctx.task == "rm" else inputs.policy_logps
     store.append(values.detach().float().cpu())
+    if inputs.ld_tails is not None:
+        mb.ref_ld_tails = tuple(x.detach() for x in inputs.ld_tails)
     zero = output_sbv.sum() * 0.0
     return zero, torch.tensor(0, dtype=torch.int, device=zero.device), {}
+
+
+def _stats_collector(ctx: StepContext, store: list[torch.Tensor], mb: MicroBatch, output_sbv: torch.Tensor):
+    """A forward-only loss_func recording each micro-batch's per-pair plan statistics."""
+    with torch.no_grad():
+        store.append(pair_stats(ctx.loss, loss_inputs(ctx, mb, output_sbv)))
+    zero = output_sbv.sum() * 0.0
+    return zero, torch.tensor(0, dtype=torch.int, device=zero.device), {}
+
+
+def _gather_dp(local: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
+    """All-gather [n_i, k] blocks over the data-parallel group: (concatenation in rank order, own offset)."""
+    if not (dist.is_initialized() and ps.get_data_parallel_world_size() > 1):
+        return local, 0
+    group = ps.get_data_parallel_group()
+    size = torch.tensor([local.shape[0]], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    sizes = [int(x) for x in sizes]
+    padded = torch.zeros(max(max(sizes), 1), local.shape[1], dtype=local.dtype, device=device)
+    padded[: local.shape[0]] = local.to(device)
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    rank = dist.get_rank(group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).cpu(), sum(sizes[:rank])
+
+
+def attach_plans(ctx: StepContext, model: list[torch.nn.Module], mbs: list[MicroBatch], seq_length: int) -> None:
+    """Attach each micro-batch's ``BatchPlan`` when the loss has a batch-level type (else nothing).
+
+    Every rank calls it after the reference is attached and before ``run_schedule``; see the module doc.
+    """
+    cfg = ctx.loss
+    if ctx.task != "dpo" or not needs_plan(cfg):
+        return
+    if needs_forward(cfg):
+        store: list[torch.Tensor] = []
+        with torch.no_grad():
+            run_schedule(model, mbs, partial(_stats_collector, ctx, store), seq_length, forward_only=True)
+        if not ps.is_pipeline_last_stage(ignore_virtual=True):
+            return  # only the last stage computes losses
+    else:
+        store = [pair_stats(cfg, LossInputs(unit_ids=mb.resp_unit, scores=mb.resp_scores, slots=mb.resp_slot,
+                                            token_counts=mb.index.resp_lengths)) for mb in mbs]  # fmt: skip
+    local = torch.cat(store) if store else torch.zeros(0, 5, dtype=torch.float64)
+    stats, start = _gather_dp(local, ctx.device)
+    for mb, plan in zip(mbs, make_plans(cfg, stats, [x.shape[0] for x in store], start)):
+        mb.plan = plan
 
 
 def run_schedule(
@@ -129,7 +228,7 @@ def run_schedule(
 
 REPORT_KEYS = (
     "loss_sum", "count", "responses", "chosen_rewards", "rejected_rewards", "margins", "accuracy",
-    "policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "nll",
+    "policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "nll", "wpo_weight",
 )
 
 
