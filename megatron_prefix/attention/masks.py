@@ -106,6 +106,31 @@ class VarlenPlan:
         return VarlenPlan(**move)
 
 
+def run_varlen_plan(
+    q_thd: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor, plan: VarlenPlan, kernel
+) -> torch.Tensor:
+    """Gather by ``plan``, call ``kernel(q_sel, k_sel, v_sel)`` (packed sequences), scatter back.
+
+    Padding queries get their own value row (self-only attention). A plan without sequences (rows of
+    padding only, which the batcher uses to top up ranks) never reaches the kernel (varlen kernels
+    require at least one sequence): the attended part is empty but stays connected to q/k/v, so
+    backward runs and gives zero gradients there.
+    """
+    q_sel = q_thd.index_select(0, plan.q_index)
+    k_sel = k_thd.index_select(0, plan.kv_index)
+    v_sel = v_thd.index_select(0, plan.kv_index)
+    if plan.num_sequences == 0:
+        out_sel = q_sel + 0 * (k_sel.sum() + v_sel.sum())
+    else:
+        out_sel = kernel(q_sel, k_sel, v_sel)
+    groups = q_thd.shape[1] // k_thd.shape[1]
+    v_pad = v_thd.index_select(0, plan.pad_kv_index)
+    if groups > 1:
+        v_pad = v_pad.repeat_interleave(groups, dim=1)
+    out_all = torch.cat([out_sel.to(q_thd.dtype), v_pad.to(q_thd.dtype)], dim=0)
+    return out_all.index_select(0, plan.inverse)
+
+
 def useful_pairs_np(doc_ids_bt: np.ndarray, segment_ids_bt: np.ndarray) -> int:
     """Allowed (query, key) pairs over real (non-pad) queries: the only FLOPs attention needs."""
     return sharing.ids_pairs(doc_ids_bt, segment_ids_bt)
