@@ -269,8 +269,11 @@ def sweep(rehearse: bool, out_dir: Path) -> dict:
 
 def plot(doc: dict, path: Path) -> None:
     """Measured vs ideal ratio, one panel per row size, one marker per backend."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: {path.name} not written (the JSON has every number)", flush=True)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -130,3 +130,21 @@ def test_torch_varlen_kernel_signature_on_this_torch():
     got = varlen.torch_varlen_adapter(fn)(q, k, v, cu_q, cu_k, 5, 8, 0.11)
     want = varlen.reference_varlen(q.float(), k.float(), v.float(), cu_q, cu_k, 0.11)
     assert _rel(got.float(), want) <= FWD_TOL
+
+
+def test_flex_compiled_block_mask_memory_grows_with_blocks():
+    """32k tokens: the compiled builder's CUDA memory is block tables (KiBs), not [B, 1, T, T] (>= 1 GiB)."""
+    from megatron_prefix.attention.flex import block_mask_from_ids, count_blocks
+
+    t = 32768
+    warm = SharedPrefixParams.from_rows(random_rows(7, 1, t, max_prompt=900, max_resp=400), device="cuda")
+    run = SharedPrefixParams.from_rows(random_rows(8, 1, t, max_prompt=900, max_resp=400), device="cuda")
+    block_mask_from_ids(warm.doc_ids, warm.segment_ids, None, 128, compile_=True)  # compile once
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    bm = block_mask_from_ids(run.doc_ids, run.segment_ids, None, 128, compile_=True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 64 * 2**20, f"compiled block-mask build used {peak / 2**20:.1f} MiB"
+    assert count_blocks(bm)["computed"] < count_blocks(bm)["total"] // 4
