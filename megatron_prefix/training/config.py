@@ -185,11 +185,11 @@ class TrainConfig:
                     "must be divisible by tp*2*cp with sequence parallelism")
         device = self.train.device if self.train.device != "auto" else ("cuda" if cuda else "cpu")
         require(device == "cpu" or cuda, "train.device", "cuda requested but CUDA is not available")
-        if device == "cpu":
-            require(self.train.dtype in ("auto", "float32"), "train.dtype", "CPU training runs in float32")
         # backend x device x dtype x cp, asked of the attention-backend registry (names the field)
         attention_registry.check(self.attention, device=device, dtype=self.resolved_dtype(cuda), cp=p.cp,
                                  backward=True)
+        if device == "cpu":
+            require(self.train.dtype in ("auto", "float32"), "train.dtype", "CPU training runs in float32")
         if self.task == "rm":
             require(self.loss.type in REWARD_LOSSES, "loss.type",
                     f"reward models use one of {REWARD_LOSSES}, got {self.loss.type!r}")
