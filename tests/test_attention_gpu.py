@@ -1,4 +1,4 @@
-"""GPU tier of shared-prefix attention: flex (compiled) and varlen (flash) against the dense reference.
+"""GPU tier of shared-prefix attention: flex (compiled), varlen (flash) and te against the dense reference.
 
 Ground truth is the dense backend in fp32 on the same inputs. bf16 tolerances, as a fraction of the
 reference tensor's max abs value: outputs <= 2e-2, q/k/v gradients <= 3e-2; dense bf16 itself is checked
@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_prefix.attention import masks, varlen
+from megatron_prefix.attention import masks, registry, varlen
 from megatron_prefix.attention.backends import count_blocks
 from megatron_prefix.attention.params import SharedPrefixParams
+from megatron_prefix.data.row import pack_row
 from tests.dist_scripts.attention_common import make_layer, random_qkv, random_rows
 
 pytestmark = pytest.mark.gpu
@@ -41,8 +42,10 @@ def _rel(x, ref):
     return ((x - ref).abs().max() / ref.abs().max()).item()
 
 
-@pytest.mark.parametrize("backend", ["dense", "flex", "varlen"])
+@pytest.mark.parametrize("backend", ["dense", "flex", "varlen", "te"])
 def test_bf16_backend_matches_fp32_dense(backend):
+    if backend == "te":
+        pytest.importorskip("transformer_engine.pytorch", reason="Transformer Engine is not installed")
     rows, q, k, v, w = _inputs(0)
     ref_out, ref_grads, _ = _run(None, rows, q, k, v, w, torch.float32)
     cfg = {"backend": backend, "max_dense_tokens": 4096}
@@ -84,3 +87,64 @@ def test_varlen_kernel_and_pairs():
     plan = masks.build_varlen_plan(params.doc_ids.cpu().numpy(), params.segment_ids.cpu().numpy())
     assert plan.pairs() == varlen.useful_pairs(params)
     assert varlen.kernel_name(torch.device("cuda")) in ("flash_attn", "torch_varlen_attn")
+
+
+def test_varlen_refuses_fp32_on_gpu():
+    """Flash varlen kernels have no fp32: refused by the config check and at run time, naming train.dtype."""
+    with pytest.raises(ValueError, match="train.dtype"):
+        registry.check(_Cfg("varlen"), device="cuda", dtype="float32")
+    rows, q, k, v, w = _inputs(4)
+    with pytest.raises(ValueError, match="train.dtype"):
+        _run({"backend": "varlen"}, rows, q, k, v, w, torch.float32)
+
+
+class _Cfg:
+    def __init__(self, backend):
+        self.backend, self.allow_cpu_reference = backend, False
+
+
+@pytest.mark.parametrize("backend", ["varlen", "flex", "te"])
+def test_padding_only_row_runs_forward_and_backward(backend):
+    """The batcher tops ranks up with rows of padding only: the real kernels must not see zero sequences."""
+    if backend == "te":
+        pytest.importorskip("transformer_engine.pytorch", reason="Transformer Engine is not installed")
+    rows = [pack_row([], T, 0)] * B
+    q, k, v = random_qkv(T, B, heads=H, groups=G, head_dim=D, seed=5, device="cuda")
+    w = torch.randn(T, B, H * D, device="cuda")
+    out, grads, _ = _run({"backend": backend}, rows, q, k, v, w, torch.bfloat16)
+    ref_out, _, _ = _run(None, rows, q, k, v, w, torch.bfloat16)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    assert _rel(out, ref_out) <= FWD_TOL
+
+
+def test_torch_varlen_kernel_signature_on_this_torch():
+    """torch 2.11 on the GPU machine: the adapter understands the installed varlen_attn (bf16, causal)."""
+    fn = varlen._kernel_torch()
+    if fn is None:
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(9, 4, 64, generator=g).cuda().bfloat16()
+    k, v = (torch.randn(14, 2, 64, generator=g).cuda().bfloat16() for _ in range(2))
+    cu_q = torch.tensor([0, 4, 9], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 6, 14], dtype=torch.int32, device="cuda")
+    got = varlen.torch_varlen_adapter(fn)(q, k, v, cu_q, cu_k, 5, 8, 0.11)
+    want = varlen.reference_varlen(q.float(), k.float(), v.float(), cu_q, cu_k, 0.11)
+    assert _rel(got.float(), want) <= FWD_TOL
+
+
+def test_flex_compiled_block_mask_memory_grows_with_blocks():
+    """32k tokens: the compiled builder's CUDA memory is block tables (KiBs), not [B, 1, T, T] (>= 1 GiB)."""
+    from megatron_prefix.attention.flex import block_mask_from_ids, count_blocks
+
+    t = 32768
+    warm = SharedPrefixParams.from_rows(random_rows(7, 1, t, max_prompt=900, max_resp=400), device="cuda")
+    run = SharedPrefixParams.from_rows(random_rows(8, 1, t, max_prompt=900, max_resp=400), device="cuda")
+    block_mask_from_ids(warm.doc_ids, warm.segment_ids, None, 128, compile_=True)  # compile once
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    bm = block_mask_from_ids(run.doc_ids, run.segment_ids, None, 128, compile_=True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 64 * 2**20, f"compiled block-mask build used {peak / 2**20:.1f} MiB"
+    assert count_blocks(bm)["computed"] < count_blocks(bm)["total"] // 4

@@ -16,7 +16,8 @@ Forward contract: ``query`` [s, b, np, hn], ``key``/``value`` [s, b, ng, hn] (GQ
 sbhd layout, where ``s = T / cp`` is this rank's slice of the row (megatron's load-balanced CP split;
 see ``context_parallel.split_for_cp``); ``packed_seq_params`` must be a ``SharedPrefixParams`` describing
 the full rows ``[b, T]``; ``attention_mask`` is ignored (the mask is derived from the params). Returns
-[s, b, np*hn]. Every derived structure is built once per micro-batch and cached in ``params.cache``.
+[s, b, np*hn]. Dispatch goes through ``registry`` only: the backend's ``prepare`` runs once per
+micro-batch (and CP slice), cached in ``params.cache``; every layer calls its ``attend``.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_prefix.attention import backends, context_parallel, masks, varlen
+from megatron_prefix.attention import backends, context_parallel, registry
 from megatron_prefix.attention.backends import AttentionConfig
 from megatron_prefix.attention.params import SharedPrefixParams
+from megatron_prefix.attention.registry import CPSlice
 
 __all__ = ["AttentionConfig", "SharedPrefixCoreAttention", "resolve_attention_config"]
 
@@ -48,7 +50,7 @@ def resolve_attention_config(config: Any, attention_config: Any = None) -> Atten
 
 
 class SharedPrefixCoreAttention(MegatronModule):
-    """Core attention over prefix-shared packed rows (dense / flex / varlen backends, optional CP)."""
+    """Core attention over prefix-shared packed rows (any registered backend, optional CP)."""
 
     def __init__(
         self,
@@ -68,7 +70,9 @@ class SharedPrefixCoreAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
         self.attn_cfg = resolve_attention_config(config, attention_config)
-        backends.check_available(self.attn_cfg)
+        self._cp_size = int(getattr(config, "context_parallel_size", 1) or 1)
+        backends.check_available(self.attn_cfg, cp=self._cp_size)
+        self.backend = registry.make(self.attn_cfg)
         if attention_type not in (None, "self"):
             raise ValueError(
                 f"attention_type: shared-prefix attention is self-attention only, got {attention_type!r}"
@@ -80,13 +84,12 @@ class SharedPrefixCoreAttention(MegatronModule):
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.dropout_p = float(config.attention_dropout if attention_dropout is None else attention_dropout)
-        if self.dropout_p > 0 and self.attn_cfg.backend != "dense":
+        if self.dropout_p > 0 and not self.backend.caps.dropout:
             raise ValueError(
                 f"attention_dropout: backend {self.attn_cfg.backend!r} has no attention dropout, got "
                 f"{self.dropout_p}; set TransformerConfig.attention_dropout=0.0 or use backend=dense"
             )
         self.pg_collection = pg_collection
-        self._cp_size = int(getattr(config, "context_parallel_size", 1) or 1)
 
     # ------------------------------------------------------------------------------------------ CP
     def _cp_group(self):
@@ -120,7 +123,7 @@ class SharedPrefixCoreAttention(MegatronModule):
             )
         if attention_bias is not None:
             raise ValueError("attention_bias: not supported by shared-prefix attention")
-        s_local, b, nh, hd = query.shape
+        s_local, b, nh, _hd = query.shape
         if key.shape[2] == 0 or nh % key.shape[2]:
             raise ValueError(f"query heads {nh} must be a multiple of key/value heads {key.shape[2]}")
         t = params.seq_len
@@ -134,93 +137,15 @@ class SharedPrefixCoreAttention(MegatronModule):
         if cp_size > 1:
             key, value = context_parallel.gather_kv(key, value, group, cp_size, cp_rank)
 
-        backend = self.attn_cfg.backend
-        if backend == "varlen":
-            out_thd = self._varlen(query, key, value, params, cp_size, cp_rank)
-            # [b*s, np, hn] -> [s, b, np*hn]
-            return out_thd.view(b, s_local, nh * hd).transpose(0, 1).contiguous()
-        q_bhsd = query.permute(1, 2, 0, 3)
-        k_bhsd = key.permute(1, 2, 0, 3)
-        v_bhsd = value.permute(1, 2, 0, 3)
-        if backend == "dense":
-            if t > self.attn_cfg.max_dense_tokens:
-                raise ValueError(
-                    f"attention.max_dense_tokens: row of {t} tokens exceeds {self.attn_cfg.max_dense_tokens} "
-                    "for the dense backend (O(T^2) mask); use backend flex or varlen, or raise the limit"
-                )
-            mask = self._cached(
-                params,
-                "dense",
-                cp_size,
-                cp_rank,
-                query.device,
-                lambda q_pos: masks.build_dense_mask(
-                    params.doc_ids.to(query.device), params.segment_ids.to(query.device), q_pos
-                ),
-            )
-            dropout = self.dropout_p if self.training else 0.0
-            if dropout > 0 and query.is_cuda and not self.config.sequence_parallel:
-                from megatron.core import tensor_parallel  # same RNG stream policy as DotProductAttention
+        cp = CPSlice(cp_size, cp_rank, query.device)
+        cache_key = f"{self.backend.plan_key()}/{cp.key()}"
+        if cache_key not in params.cache:
+            params.cache[cache_key] = self.backend.prepare(params, cp)
+        plan = params.cache[cache_key]
+        dropout = self.dropout_p if self.training else 0.0
+        if dropout > 0 and query.is_cuda and not self.config.sequence_parallel:
+            from megatron.core import tensor_parallel  # same RNG stream policy as DotProductAttention
 
-                with tensor_parallel.get_cuda_rng_tracker().fork():
-                    out_bhsd = backends.dense_attention(
-                        q_bhsd, k_bhsd, v_bhsd, mask, self.softmax_scale, dropout
-                    )
-            else:
-                out_bhsd = backends.dense_attention(q_bhsd, k_bhsd, v_bhsd, mask, self.softmax_scale, dropout)
-        else:
-            block_mask = self._cached(
-                params,
-                f"flex{self.attn_cfg.flex_block_size}",
-                cp_size,
-                cp_rank,
-                query.device,
-                lambda q_pos: backends.build_block_mask(
-                    masks.make_mask_mod(
-                        params.doc_ids.to(query.device), params.segment_ids.to(query.device), q_pos
-                    ),
-                    b,
-                    s_local,
-                    t,
-                    query.device,
-                    self.attn_cfg.flex_block_size,
-                ),
-            )
-            compile_ = self.attn_cfg.flex_compile if self.attn_cfg.flex_compile is not None else query.is_cuda
-            out_bhsd = backends.flex_attention_bhsd(
-                q_bhsd, k_bhsd, v_bhsd, block_mask, self.softmax_scale, compile_
-            )
-        # [b, np, s, hn] -> [s, b, np*hn]
-        return out_bhsd.permute(2, 0, 1, 3).reshape(s_local, b, nh * hd)
-
-    def _varlen(self, query, key, value, params, cp_size, cp_rank) -> torch.Tensor:
-        s_local, b, nh, hd = query.shape
-        plan = self._cached(
-            params,
-            "varlen",
-            cp_size,
-            cp_rank,
-            query.device,
-            lambda q_pos: masks.build_varlen_plan(
-                params.doc_ids.cpu().numpy(),
-                params.segment_ids.cpu().numpy(),
-                None if q_pos is None else q_pos.cpu().numpy(),
-            ).to(query.device),
-        )
-        q_thd = query.transpose(0, 1).reshape(b * s_local, nh, hd)
-        k_thd = key.transpose(0, 1).reshape(b * key.shape[0], key.shape[2], hd)
-        v_thd = value.transpose(0, 1).reshape(b * value.shape[0], value.shape[2], hd)
-        return varlen.varlen_attention(
-            q_thd, k_thd, v_thd, plan, self.softmax_scale, self.attn_cfg.allow_cpu_reference
-        )
-
-    @staticmethod
-    def _cached(params: SharedPrefixParams, kind: str, cp_size: int, cp_rank: int, device, build):
-        """``params.cache[kind/cp/device]``, built on first use with the local query positions."""
-        key = f"{kind}/cp{cp_size}.{cp_rank}/{device}"
-        if key not in params.cache:
-            q_pos = None
-            if cp_size > 1:
-                q_pos = context_parallel.local_positions(params.seq_len, cp_size, cp_rank, device=device)
-            params.cache[key] = build(q_pos)
-        return params.cache[key]
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return self.backend.attend(query, key, value, plan, self.softmax_scale, dropout)
+        return self.backend.attend(query, key, value, plan, self.softmax_scale, dropout)

@@ -1,7 +1,8 @@
 """Mask logic of shared-prefix attention, built from per-token doc/segment ids.
 
-The rule (``megatron_prefix.data.row``): query q may attend key k iff ``doc[q] == doc[k] != -1``,
-``k <= q`` and ``seg[k] in (0, seg[q])``; a padding query attends to itself only (its output is unused).
+The rule is ``megatron_prefix.sharing.visible`` (query q may attend key k iff ``doc[q] == doc[k] != -1``,
+``k <= q`` and ``seg[k] in (0, seg[q])``; a padding query attends to itself only); pair counts are
+``sharing.ids_pairs`` / ``sharing.bottom_right_pairs``. Nothing here restates them.
 
 Three derived forms, one per backend, all in *global* row positions (before context parallelism):
 
@@ -23,20 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-PAD_DOC = -1
+from megatron_prefix import sharing
+from megatron_prefix.sharing import PAD_DOC
 
-
-def allowed(
-    q_doc: torch.Tensor,
-    q_seg: torch.Tensor,
-    q_pos: torch.Tensor,
-    k_doc: torch.Tensor,
-    k_seg: torch.Tensor,
-    k_pos: torch.Tensor,
-) -> torch.Tensor:
-    """Elementwise (broadcasting) attention rule; True where query may attend key."""
-    same = (q_doc == k_doc) & (q_doc != PAD_DOC) & (k_pos <= q_pos) & ((k_seg == 0) | (k_seg == q_seg))
-    return same | ((q_doc == PAD_DOC) & (q_pos == k_pos))
+allowed = sharing.visible  # the one visibility rule (kept under its old name for callers)
 
 
 def build_dense_mask(
@@ -108,40 +99,41 @@ class VarlenPlan:
         """Query-key pairs the kernel computes: sum over sequences of bottom-right causal pairs."""
         m = np.diff(self.cu_seqlens_q.cpu().numpy()).astype(np.int64)
         n = np.diff(self.cu_seqlens_k.cpu().numpy()).astype(np.int64)
-        return int(np.sum(m * (n - m) + m * (m + 1) // 2))
+        return int(np.sum(sharing.bottom_right_pairs(m, n)))
 
     def to(self, device: torch.device | str) -> VarlenPlan:
         move = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return VarlenPlan(**move)
 
 
-def _run_starts(doc: np.ndarray, seg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per position: start of its (doc, segment) run, start of its doc, end of its doc's prompt."""
-    t = len(doc)
-    idx = np.arange(t)
-    seg_change = np.r_[True, (doc[1:] != doc[:-1]) | (seg[1:] != seg[:-1])]
-    doc_change = np.r_[True, doc[1:] != doc[:-1]]
-    run_start = np.maximum.accumulate(np.where(seg_change, idx, 0))
-    doc_start = np.maximum.accumulate(np.where(doc_change, idx, 0))
-    # prompt end = end of the run starting at doc_start (the prompt is each doc's first segment)
-    run_end = np.empty(t, dtype=np.int64)
-    ends = np.r_[np.nonzero(seg_change)[0][1:], t]
-    run_end[np.nonzero(seg_change)[0]] = ends
-    prompt_end = run_end[doc_start]
-    return run_start, doc_start, prompt_end
+def run_varlen_plan(
+    q_thd: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor, plan: VarlenPlan, kernel
+) -> torch.Tensor:
+    """Gather by ``plan``, call ``kernel(q_sel, k_sel, v_sel)`` (packed sequences), scatter back.
+
+    Padding queries get their own value row (self-only attention). A plan without sequences (rows of
+    padding only, which the batcher uses to top up ranks) never reaches the kernel (varlen kernels
+    require at least one sequence): the attended part is empty but stays connected to q/k/v, so
+    backward runs and gives zero gradients there.
+    """
+    q_sel = q_thd.index_select(0, plan.q_index)
+    k_sel = k_thd.index_select(0, plan.kv_index)
+    v_sel = v_thd.index_select(0, plan.kv_index)
+    if plan.num_sequences == 0:
+        out_sel = q_sel + 0 * (k_sel.sum() + v_sel.sum())
+    else:
+        out_sel = kernel(q_sel, k_sel, v_sel)
+    groups = q_thd.shape[1] // k_thd.shape[1]
+    v_pad = v_thd.index_select(0, plan.pad_kv_index)
+    if groups > 1:
+        v_pad = v_pad.repeat_interleave(groups, dim=1)
+    out_all = torch.cat([out_sel.to(q_thd.dtype), v_pad.to(q_thd.dtype)], dim=0)
+    return out_all.index_select(0, plan.inverse)
 
 
 def useful_pairs_np(doc_ids_bt: np.ndarray, segment_ids_bt: np.ndarray) -> int:
     """Allowed (query, key) pairs over real (non-pad) queries: the only FLOPs attention needs."""
-    total = 0
-    for doc, seg in zip(np.asarray(doc_ids_bt), np.asarray(segment_ids_bt)):
-        run_start, doc_start, prompt_end = _run_starts(doc, seg)
-        real = doc != PAD_DOC
-        idx = np.arange(len(doc))
-        own = idx - run_start + 1
-        prompt = np.where(seg > 0, prompt_end - doc_start, 0)
-        total += int(np.sum((own + prompt)[real]))
-    return total
+    return sharing.ids_pairs(doc_ids_bt, segment_ids_bt)
 
 
 def build_varlen_plan(
@@ -156,7 +148,7 @@ def build_varlen_plan(
     lens_q, lens_k = [], []
     for r in range(b):
         doc, seg = doc_ids_bt[r], segment_ids_bt[r]
-        run_start, doc_start, prompt_end = _run_starts(doc, seg)
+        run_start, doc_start, prompt_end = sharing.row_runs(doc, seg)
         d, s = doc[q_pos], seg[q_pos]
         # local runs: consecutive global positions inside one (doc, segment) run
         brk = np.r_[True, (np.diff(q_pos) != 1) | (d[1:] != d[:-1]) | (s[1:] != s[:-1])]

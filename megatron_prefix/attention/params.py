@@ -14,8 +14,9 @@ for the meaning of each field.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ class SharedPrefixParams(PackedSeqParams):
         return int(self.doc_ids.shape[1])
 
     @classmethod
-    def from_rows(cls, rows: Sequence[PackedRow], device: torch.device | str = "cpu") -> "SharedPrefixParams":
+    def from_rows(cls, rows: Sequence[PackedRow], device: torch.device | str = "cpu") -> SharedPrefixParams:
         """Stack packed rows (equal ``pack_tokens``) into one micro-batch carrier on ``device``."""
         lengths = {r.pack_tokens for r in rows}
         assert len(lengths) == 1, f"rows of one micro-batch must have equal length, got {sorted(lengths)}"

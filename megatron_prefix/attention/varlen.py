@@ -1,23 +1,33 @@
 """``varlen`` backend: no dense mask; each response gets its own key/value sequence ``[prompt; response]``.
 
 Queries stay in the shared layout (a gather of the non-padding rows); keys/values are gathered per
-sequence by ``VarlenPlan.kv_index`` so the shared prompt K/V rows appear once per response (autograd
-sums their gradients back). Causal masking is bottom-right aligned (query i of an m-query sequence with
-n keys sees keys ``0..n-m+i``), which is what flash varlen kernels do. The kernel computes exactly
-``useful_pairs`` query-key pairs (tested).
+sequence by ``VarlenPlan.kv_index`` (``masks.build_varlen_plan``) so the shared prompt K/V rows appear
+once per response (autograd sums their gradients back). Causal masking is bottom-right aligned (query i
+of an m-query sequence with n keys sees keys ``0..n-m+i``), which is what flash varlen kernels do. The
+kernel computes exactly ``sharing.ids_pairs`` query-key pairs (tested).
 
 Kernels, first available: ``flash_attn.flash_attn_varlen_func`` (flash-attn package), PyTorch's
-``torch.nn.attention.varlen.varlen_attn`` (ships with torch >= 2.9 on CUDA). Without CUDA, and only
-when allowed, a math fallback loops over per-sequence SDPA calls with the same indices.
+``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.9 on CUDA; its keyword arguments changed across
+releases, so ``torch_varlen_adapter`` reads its signature). Flash kernels have no fp32: fp32 on CUDA is
+refused (``registry.check``, and again at run time). Without CUDA, and only when allowed, a math fallback
+loops over per-sequence SDPA calls with the same indices.
 """
 
 from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megatron_prefix.attention.masks import VarlenPlan, useful_pairs_np
+from megatron_prefix.attention import masks
+from megatron_prefix.attention.masks import VarlenPlan, run_varlen_plan, useful_pairs_np
+from megatron_prefix.attention.registry import AttentionBackend, Capabilities, CPSlice, register
+
+FLASH_DTYPES = ("bfloat16", "float16")
 
 
 def useful_pairs(params) -> int:
@@ -52,6 +62,40 @@ def kernel_name(device: torch.device) -> str:
     return "none"
 
 
+def torch_varlen_adapter(fn: Callable) -> Callable:
+    """Call ``fn`` (a ``varlen_attn`` of any torch release) as bottom-right causal, scaled, GQA attention.
+
+    Detected by ``inspect.signature``: causal via ``window_size=(-1, 0)`` when present, else
+    ``is_causal=True`` (torch 2.9/2.10); ``scale`` passed when accepted, else folded into the queries
+    (the kernel then uses its default ``1/sqrt(d)``); ``enable_gqa`` passed when accepted, else K/V heads
+    are repeated. Returns ``call(q_thd, k_thd, v_thd, cu_q, cu_k, max_q, max_k, scale)``.
+    """
+    params = inspect.signature(fn).parameters
+    window, causal = "window_size" in params, "is_causal" in params
+    has_scale, has_gqa = "scale" in params, "enable_gqa" in params
+    if not (window or causal):
+        raise RuntimeError(
+            f"torch.nn.attention.varlen.varlen_attn{inspect.signature(fn)}: no is_causal or window_size "
+            "argument, cannot request causal attention; install flash-attn or use backend flex"
+        )
+
+    def call(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:
+        kw: dict = {"window_size": (-1, 0)} if window else {"is_causal": True}
+        gqa = k.shape[1] != q.shape[1]
+        if has_gqa:
+            kw["enable_gqa"] = gqa
+        elif gqa:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if has_scale:
+            kw["scale"] = scale
+        else:
+            q = q * (scale * math.sqrt(q.shape[-1]))
+        return fn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+
+    return call
+
+
 def reference_varlen(
     q_thd: torch.Tensor,
     k_thd: torch.Tensor,
@@ -63,6 +107,7 @@ def reference_varlen(
     """Math varlen attention (bottom-right causal) as a loop of SDPA calls; any device, slow."""
     outs = []
     cq, ck = cu_q.tolist(), cu_k.tolist()
+    assert len(cq) > 1, "a varlen kernel needs at least one sequence (run_varlen_plan skips empty plans)"
     groups = q_thd.shape[1] // k_thd.shape[1]
     for i in range(len(cq) - 1):
         q = q_thd[cq[i] : cq[i + 1]].transpose(0, 1)  # [h, m, d]
@@ -73,8 +118,6 @@ def reference_varlen(
         m, n = q.shape[1], k.shape[1]
         mask = torch.ones(m, n, dtype=torch.bool, device=q.device).tril(diagonal=n - m)
         outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(0, 1))
-    if not outs:
-        return q_thd.new_zeros((0, *q_thd.shape[1:]))
     return torch.cat(outs, dim=0)
 
 
@@ -85,36 +128,24 @@ def _run_kernel(q, k, v, plan: VarlenPlan, scale: float, allow_cpu_reference: bo
                 "varlen attention needs CUDA; allow_cpu_reference=True enables the CPU math fallback"
             )
         return reference_varlen(q, k, v, plan.cu_seqlens_q, plan.cu_seqlens_k, scale)
+    if q.dtype == torch.float32:
+        raise ValueError(
+            "train.dtype: attention.backend=varlen runs flash kernels, which have no float32; use "
+            "train.dtype=bfloat16 or attention.backend=dense/flex"
+        )
     fa = _kernel_flash_attn()
     if fa is not None:
         return fa(
-            q,
-            k,
-            v,
-            plan.cu_seqlens_q,
-            plan.cu_seqlens_k,
-            plan.max_seqlen_q,
-            plan.max_seqlen_k,
-            dropout_p=0.0,
-            softmax_scale=scale,
-            causal=True,
+            q, k, v, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.max_seqlen_q, plan.max_seqlen_k,
+            dropout_p=0.0, softmax_scale=scale, causal=True,
         )
     tv = _kernel_torch()
     if tv is None:
         raise RuntimeError(
             f"varlen attention: neither flash_attn nor torch.nn.attention.varlen in torch {torch.__version__}"
         )
-    return tv(
-        q,
-        k,
-        v,
-        plan.cu_seqlens_q,
-        plan.cu_seqlens_k,
-        plan.max_seqlen_q,
-        plan.max_seqlen_k,
-        scale=scale,
-        window_size=(-1, 0),
-        enable_gqa=k.shape[1] != q.shape[1],
+    return torch_varlen_adapter(tv)(
+        q, k, v, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.max_seqlen_q, plan.max_seqlen_k, scale
     )
 
 
@@ -130,16 +161,9 @@ def varlen_attention(
 
     Returns ``[b*Tq, np, hn]``; a padding query's output is its own value row (self-only attention).
     """
-    q_sel = q_thd.index_select(0, plan.q_index)
-    k_sel = k_thd.index_select(0, plan.kv_index)
-    v_sel = v_thd.index_select(0, plan.kv_index)
-    out_sel = _run_kernel(q_sel, k_sel, v_sel, plan, scale, allow_cpu_reference)
-    groups = q_thd.shape[1] // k_thd.shape[1]
-    v_pad = v_thd.index_select(0, plan.pad_kv_index)
-    if groups > 1:
-        v_pad = v_pad.repeat_interleave(groups, dim=1)
-    out_all = torch.cat([out_sel.to(q_thd.dtype), v_pad.to(q_thd.dtype)], dim=0)
-    return out_all.index_select(0, plan.inverse)
+    return run_varlen_plan(
+        q_thd, k_thd, v_thd, plan, lambda q, k, v: _run_kernel(q, k, v, plan, scale, allow_cpu_reference)
+    )
 
 
 def plan_summary(plan: VarlenPlan) -> dict[str, int]:
@@ -152,3 +176,39 @@ def plan_summary(plan: VarlenPlan) -> dict[str, int]:
         "max_k": int(plan.max_seqlen_k),
         "padding": int(np.asarray(plan.pad_q_index.numel())),
     }
+
+
+def prepare_varlen_plan(params, cp: CPSlice) -> VarlenPlan:
+    """The gather plan of this rank's queries (shared by ``varlen`` and other per-sequence backends)."""
+    q_pos = cp.q_positions(params.seq_len)
+    return masks.build_varlen_plan(
+        params.doc_ids.cpu().numpy(), params.segment_ids.cpu().numpy(), None if q_pos is None else q_pos.cpu().numpy()
+    ).to(cp.device)
+
+
+def sbhd_to_thd(x_sbhd: torch.Tensor) -> torch.Tensor:
+    """``[s, b, h, d]`` -> ``[b*s, h, d]`` (row-major over the batch, as the plan indexes it)."""
+    s, b, h, d = x_sbhd.shape
+    return x_sbhd.transpose(0, 1).reshape(b * s, h, d)
+
+
+@register
+class VarlenBackend(AttentionBackend):
+    """Per-response K/V gather + a flash varlen kernel (bf16/fp16 on CUDA; CPU math reference)."""
+
+    name = "varlen"
+    caps = Capabilities(
+        devices=("cuda",), dtypes={"cuda": FLASH_DTYPES}, cpu_reference=True, cpu_backward=True, context_parallel=True
+    )
+
+    def prepare(self, params, cp: CPSlice) -> VarlenPlan:
+        """``masks.build_varlen_plan`` for this rank's queries, on its device."""
+        return prepare_varlen_plan(params, cp)
+
+    def attend(self, q_sbhd, k_sbhd, v_sbhd, plan, scale, dropout_p=0.0):
+        """Gather, run the kernel, scatter back; returns ``[s, b, np*hn]``."""
+        s, b, nh, hd = q_sbhd.shape
+        out_thd = varlen_attention(
+            sbhd_to_thd(q_sbhd), sbhd_to_thd(k_sbhd), sbhd_to_thd(v_sbhd), plan, scale, self.cfg.allow_cpu_reference
+        )
+        return out_thd.view(b, s, nh * hd).transpose(0, 1).contiguous()

@@ -15,8 +15,9 @@ Per token ``t`` (arrays of length T):
 - ``pred_index``: the row position whose logits predict token t: ``t - 1`` inside a response, the last
   prompt position for a response's first token, -1 where the token is not scored.
 
-The attention rule (``docs/attention.md``): query q may attend key k iff ``doc_ids[q] == doc_ids[k] != -1``,
-``k <= q``, and ``segment_ids[k] in (0, segment_ids[q])``. Padding attends to itself only.
+The attention rule (``docs/attention.md``, ``megatron_prefix.sharing.visible``): query q may attend key k
+iff ``doc_ids[q] == doc_ids[k] != -1``, ``k <= q``, and ``segment_ids[k] in (0, segment_ids[q])``. Padding
+attends to itself only. Positions, predictors and pair counts also come from ``megatron_prefix.sharing``.
 
 Per document (length D): ``cu_docs`` [D+1] offsets (cu_seqlens-style; ``cu_docs[-1]`` is the number of
 real tokens) and ``doc_prompt_lens`` [D].
@@ -30,14 +31,16 @@ Pure numpy: no torch, no megatron.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Sequence
 
 import numpy as np
 
+from megatron_prefix import sharing
 from megatron_prefix.data.unit import Unit
+from megatron_prefix.sharing import PAD_DOC, PAD_SEG
 
-PAD_DOC = -1
+__all__ = ["PAD_DOC", "PackedRow", "layout_docs", "pack_row", "row_field_names"]
 
 
 @dataclass
@@ -60,7 +63,7 @@ class PackedRow:
 
     @property
     def pack_tokens(self) -> int:
-        return int(len(self.tokens))
+        return len(self.tokens)
 
     @property
     def num_tokens(self) -> int:
@@ -73,7 +76,7 @@ class PackedRow:
 
     @property
     def num_responses(self) -> int:
-        return int(len(self.resp_spans))
+        return len(self.resp_spans)
 
     def validate(self) -> None:
         """Check the internal invariants of the contract (raises AssertionError)."""
@@ -91,13 +94,15 @@ class PackedRow:
 
     def dense_mask(self) -> np.ndarray:
         """[T, T] boolean mask, True where query (row) may attend key (column). O(T^2): tests only."""
-        q_doc, k_doc = self.doc_ids[:, None], self.doc_ids[None, :]
-        q_seg, k_seg = self.segment_ids[:, None], self.segment_ids[None, :]
         idx = np.arange(self.pack_tokens)
-        causal = idx[None, :] <= idx[:, None]
-        allowed = (q_doc == k_doc) & (q_doc != PAD_DOC) & causal & ((k_seg == 0) | (k_seg == q_seg))
-        allowed |= np.eye(self.pack_tokens, dtype=bool) & (self.doc_ids == PAD_DOC)[:, None]
-        return allowed
+        return sharing.visible(
+            self.doc_ids[:, None], self.segment_ids[:, None], idx[:, None],
+            self.doc_ids[None, :], self.segment_ids[None, :], idx[None, :],
+        )
+
+    def attention_pairs(self) -> int:
+        """Query-key pairs the mask allows over the real tokens (``sharing.ids_pairs``)."""
+        return sharing.ids_pairs(self.doc_ids, self.segment_ids)
 
 
 def pack_row(docs: Sequence[Unit], pack_tokens: int, pad_id: int) -> PackedRow:
@@ -112,7 +117,7 @@ def pack_row(docs: Sequence[Unit], pack_tokens: int, pad_id: int) -> PackedRow:
     tokens = np.full(pack_tokens, pad_id, dtype=np.int32)
     position_ids = np.zeros(pack_tokens, dtype=np.int32)
     doc_ids = np.full(pack_tokens, PAD_DOC, dtype=np.int32)
-    segment_ids = np.full(pack_tokens, -1, dtype=np.int32)
+    segment_ids = np.full(pack_tokens, PAD_SEG, dtype=np.int32)
     loss_mask = np.zeros(pack_tokens, dtype=np.int8)
     pred_index = np.full(pack_tokens, -1, dtype=np.int32)
     cu_docs = np.zeros(len(docs) + 1, dtype=np.int32)
@@ -128,13 +133,11 @@ def pack_row(docs: Sequence[Unit], pack_tokens: int, pad_id: int) -> PackedRow:
         doc_ids[sl] = d
         segment_ids[sl] = unit.segment_ids()
         prompt_lens[d] = unit.prompt_len
-        last_prompt = offset + unit.prompt_len - 1
+        pred_index[sl] = sharing.unit_pred_index(unit.prompt_len, unit.response_lens.tolist(), offset)
         start = offset + unit.prompt_len
         for i, r in enumerate(unit.response_ids):
             end = start + len(r)
             loss_mask[start:end] = 1
-            pred_index[start] = last_prompt
-            pred_index[start + 1 : end] = np.arange(start, end - 1)
             spans.append((start, end))
             resp_doc.append(d)
             resp_unit.append(unit.unit_id)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megatron_prefix import sharing
+
 
 @dataclass
 class Unit:
@@ -45,7 +47,7 @@ class Unit:
 
     @property
     def prompt_len(self) -> int:
-        return int(len(self.prompt_ids))
+        return len(self.prompt_ids)
 
     @property
     def response_lens(self) -> np.ndarray:
@@ -63,15 +65,11 @@ class Unit:
 
     def shared_attention_pairs(self) -> int:
         """Query-key pairs the prefix-shared mask allows (causal, prompt + own response)."""
-        p = self.prompt_len
-        pairs = p * (p + 1) // 2
-        for n in self.response_lens.tolist():
-            pairs += n * p + n * (n + 1) // 2
-        return pairs
+        return sharing.shared_pairs(self.prompt_len, self.response_lens.tolist())
 
     def unshared_attention_pairs(self) -> int:
         """Query-key pairs of plain causal attention over each ``[prompt + response]``."""
-        return sum((self.prompt_len + n) * (self.prompt_len + n + 1) // 2 for n in self.response_lens.tolist())
+        return sharing.unshared_pairs(self.prompt_len, self.response_lens.tolist())
 
     def tokens(self) -> np.ndarray:
         """``[prompt, r1, ..., rK]`` as one int32 array."""
@@ -79,20 +77,17 @@ class Unit:
 
     def position_ids(self) -> np.ndarray:
         """Prompt ``0..P-1``; each response continues at ``P``."""
-        p = self.prompt_len
-        parts = [np.arange(p)] + [np.arange(p, p + len(r)) for r in self.response_ids]
-        return np.concatenate(parts).astype(np.int32)
+        return sharing.unit_position_ids(self.prompt_len, self.response_lens.tolist())
 
     def segment_ids(self) -> np.ndarray:
         """0 for prompt tokens, i (1-based) for response i."""
-        parts = [np.zeros(self.prompt_len)] + [np.full(len(r), i + 1) for i, r in enumerate(self.response_ids)]
-        return np.concatenate(parts).astype(np.int32)
+        return sharing.unit_segment_ids(self.prompt_len, self.response_lens.tolist())
 
     def unshared_sequence(self, i: int) -> np.ndarray:
         """The ordinary sequence ``prompt + response i`` an unshared trainer would build."""
         return np.concatenate([self.prompt_ids, self.response_ids[i]]).astype(np.int32)
 
-    def split_unshared(self) -> list["Unit"]:
+    def split_unshared(self) -> list[Unit]:
         """The duplicated layout: K units of one response each, keeping ``unit_id`` and slots."""
         return [
             Unit(self.prompt_ids, [r], self.scores[i : i + 1], self.unit_id, self.slots[i : i + 1])

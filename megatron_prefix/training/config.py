@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_prefix.attention import registry as attention_registry
 from megatron_prefix.attention.backends import AttentionConfig
 from megatron_prefix.config import require
 from megatron_prefix.data.batching import BatchConfig
@@ -185,11 +186,10 @@ class TrainConfig:
                     "must be divisible by tp*2*cp with sequence parallelism")
         device = self.train.device if self.train.device != "auto" else ("cuda" if cuda else "cpu")
         require(device == "cpu" or cuda, "train.device", "cuda requested but CUDA is not available")
+        # backend x device x dtype x cp, asked of the attention-backend registry (names the field)
+        attention_registry.check(self.attention, device=device, dtype=self.resolved_dtype(cuda), cp=p.cp,
+                                 backward=True)
         if device == "cpu":
-            require(self.attention.backend != "varlen", "attention.backend",
-                    "varlen needs CUDA (a fused flash kernel); use dense or flex on CPU")
-            require(self.attention.backend != "flex", "attention.backend",
-                    "flex attention has no backward on CPU in PyTorch; train on CPU with backend dense")
             require(self.train.dtype in ("auto", "float32"), "train.dtype", "CPU training runs in float32")
         types = self.loss.types  # loss.type may be a list (a TRL loss mix)
         if self.task == "rm":

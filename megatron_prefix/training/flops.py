@@ -13,9 +13,8 @@ Pure arithmetic: no megatron.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from megatron_prefix.data.row import PackedRow
@@ -25,16 +24,8 @@ HOPPER_BF16_TFLOPS = 989.0
 
 
 def row_attention_pairs(row: PackedRow) -> int:
-    """Query-key pairs the mask allows in ``row`` (real tokens only)."""
-    pairs = 0
-    for d in range(row.num_docs):
-        s, e = int(row.cu_docs[d]), int(row.cu_docs[d + 1])
-        p = int(row.doc_prompt_lens[d])
-        pairs += p * (p + 1) // 2
-        seg = row.segment_ids[s + p : e]
-        for n in np.bincount(seg)[1:].tolist() if len(seg) else []:
-            pairs += n * p + n * (n + 1) // 2
-    return pairs
+    """Query-key pairs the mask allows in ``row`` (real tokens only; ``sharing.ids_pairs``)."""
+    return row.attention_pairs()
 
 
 def step_flops(model: ModelConfig, rows: Sequence[PackedRow]) -> float:
