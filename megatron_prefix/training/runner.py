@@ -29,6 +29,7 @@ from megatron_prefix.config import apply_overrides, from_dict, load_yaml
 from megatron_prefix.data.dataset import PreferenceDataset
 from megatron_prefix.model.config import ModelConfig
 from megatron_prefix.parallel import init_parallel, seed_everything
+from megatron_prefix.planning.search import check_fit
 from megatron_prefix.training import flops
 from megatron_prefix.training.checkpoint import CheckpointManager, resolve
 from megatron_prefix.training.config import TrainConfig
@@ -97,6 +98,9 @@ class Run:
         self.cfg = cfg
         self.cuda = torch.cuda.is_available() and cfg.resolved_device(torch.cuda.is_available()) == "cuda"
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        # the planner refuses a layout that cannot fit (GPU memory, else the recipe's cluster.gpu_mem_gb)
+        gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+        check_fit(cfg, cfg.model, world, gpu_gib)
         cfg.validate(world_size=world, cuda=torch.cuda.is_available())
         p = cfg.parallel
         self.info = init_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.train.seed)

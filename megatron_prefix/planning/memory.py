@@ -1,0 +1,175 @@
+"""Per-rank memory of a training layout: weights, gradients, optimizer state, activations, buffers.
+
+Bytes per parameter (megatron's mixed precision, ``grad_reduce_in_fp32=True`` as ``training/setup.py``
+builds it): bf16 weights 2, fp32 main grads 4, Adam state 12 (fp32 master copy + two moments); the
+distributed optimizer shards the 12 over the data-parallel-with-CP group (``dp * cp`` ranks). This is
+megatron's ``6 + 12 / dp`` (``theoretical_memory_usage.py``). fp32 training (CPU): 4 + 4 + 8 (no master).
+
+Activations (bytes saved for backward per micro-batch and layer) follow Korthikanti et al. 2022,
+"Reducing Activation Recomputation in Large Transformer Models" (Table 2), term by term, generalised to
+GQA, SwiGLU and no dropout (``ActivationArch``): with ``e`` bytes per element, ``s`` tokens (``/cp``),
+``b`` rows, ``t`` = tp, replicated terms divided by ``t`` only under sequence parallelism:
+
+- replicated: both norm inputs ``2 e sbh``, the QKV input ``e sbh``, the fc1 input ``e sbh``, and with
+  dropout two 1-byte masks ``2 sbh``;
+- TP-sharded: Q, K, V ``e sb(q + 2kv)/t``, the projection input ``e sbq/t``, the MLP (GeLU: input and
+  output ``2 e sbf/t``; SwiGLU: fc1 output ``2f``, silu output ``f`` and the product ``f``, ``4 e sbf/t``);
+- attention internals: materialised scores (dense backend) softmax ``e as^2b/t`` (+ dropout mask and
+  output ``(1 + e) as^2b/t``), or a flash kernel's fp32 log-sum-exp ``4 asb/t``; dropped by
+  ``recompute=selective`` (megatron recomputes core attention);
+- ``recompute=full``: only each layer's input ``e sbh`` (``/t`` with SP) plus one layer's full set while
+  it is recomputed.
+
+For MHA, GeLU with ``f = 4h`` and dropout this is ``sbh(34 + 5as/h)`` without parallelism and
+``sbh(10 + 24/t + 5as/(ht))`` with TP, as in the paper; ``tests/test_plan_memory.py`` pins both and
+megatron's ``compute_activation_memory``. Pipeline 1F1B: stage ``i`` holds ``min(pp - i, m)``
+micro-batches in flight (the first stage the most). Pure arithmetic: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_prefix.model.config import ModelConfig
+from megatron_prefix.planning.params import stage_params
+
+GIB = 1024**3
+LOGPROB_CHUNK_ELEMS = 1 << 26  # model/logprobs.py DEFAULT_CHUNK_ELEMS: fp32 elements per chunk
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout and the memory-relevant training switches."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    recompute: str = "none"  # none | selective | full
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    def describe(self) -> str:
+        sp = "+sp" if self.sequence_parallel else ""
+        return f"tp={self.tp}{sp} pp={self.pp} cp={self.cp} dp={self.dp} recompute={self.recompute}"
+
+
+@dataclass(frozen=True)
+class ActivationArch:
+    """What a decoder layer saves for backward (see the module docstring)."""
+
+    hidden: int
+    q: int  # heads * head_dim
+    kv: int  # groups * head_dim
+    ffn: int
+    heads: int
+    glu: bool = True
+    dropout: bool = False
+    attention: str = "flash"  # flash (fp32 lse per head and token) | dense (materialised scores)
+
+    @classmethod
+    def from_model(cls, m: ModelConfig, backend: str = "varlen") -> ActivationArch:
+        """Our layer spec: SwiGLU, no dropout; ``dense`` backend materialises scores, others are flash."""
+        return cls(hidden=m.hidden_size, q=m.num_attention_heads * m.kv_channels, kv=m.kv_heads * m.kv_channels,
+                   ffn=m.ffn_hidden_size, heads=m.num_attention_heads,
+                   attention="dense" if backend == "dense" else "flash")
+
+
+def layer_activation_bytes(arch: ActivationArch, seq: int, batch: int, layout: Layout, elem_bytes: int,
+                           recompute: str | None = None) -> float:
+    """Bytes one decoder layer keeps for backward for one micro-batch of ``batch`` rows of ``seq`` tokens."""
+    recompute = layout.recompute if recompute is None else recompute
+    t, e = layout.tp, elem_bytes
+    s = seq / layout.cp
+    sb, h = s * batch, arch.hidden
+    rep = 1 / t if layout.sequence_parallel else 1.0  # replicated terms: split by SP only
+    if recompute == "full":
+        return e * sb * h * rep
+    replicated = (4 * e * sb * h + (2 * sb * h if arch.dropout else 0)) * rep
+    mlp = (4 if arch.glu else 2) * e * sb * arch.ffn
+    sharded = (e * sb * (arch.q + 2 * arch.kv) + e * sb * arch.q + mlp) / t
+    internals = 0.0
+    if recompute == "none":
+        if arch.attention == "dense":
+            scores = arch.heads * s * seq * batch  # this CP rank's queries against all keys
+            internals = (e + ((1 + e) if arch.dropout else 0)) * scores / t
+        else:
+            internals = 4 * arch.heads * sb / t
+    return replicated + sharded + internals
+
+
+@dataclass
+class StageMemory:
+    """Bytes per rank of one pipeline stage, by item (``items``) and in total."""
+
+    stage: int
+    params: int
+    items: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return sum(self.items.values())
+
+
+@dataclass(frozen=True)
+class MemoryInputs:
+    """What memory depends on besides the model and the layout."""
+
+    pack_tokens: int  # tokens per micro-batch row (one row per micro-batch)
+    micro_batches: int  # micro-batches per step on one data-parallel rank
+    dtype: str = "bfloat16"  # bfloat16 | float32
+    backend: str = "varlen"
+    reference: str = "precompute"  # precompute | online | none
+    task: str = "dpo"
+    reserve_gib: float = 3.0  # CUDA context, NCCL buffers, allocator slack
+
+
+def stage_memory(m: ModelConfig, layout: Layout, inp: MemoryInputs, stage: int) -> StageMemory:
+    """The memory of one rank of pipeline stage ``stage``."""
+    p = stage_params(m, layout.tp, layout.pp, stage)
+    bf16 = inp.dtype != "float32"
+    e = 2 if bf16 else 4
+    shards = layout.dp * layout.cp if layout.distributed_optimizer else 1
+    out = StageMemory(stage=stage, params=p)
+    out.items["weights"] = p * e
+    out.items["grads (fp32 main grads)" if bf16 else "grads"] = p * 4
+    out.items["optimizer" + (" (distributed)" if shards > 1 else "")] = p * (12 if bf16 else 8) / shards
+    arch = ActivationArch.from_model(m, inp.backend)
+    layers = m.num_layers // layout.pp
+    in_flight = min(layout.pp - stage, max(inp.micro_batches, 1))
+    s_local, t = inp.pack_tokens / layout.cp, layout.tp
+    rep = 1 / t if layout.sequence_parallel else 1.0
+    per_layer = layer_activation_bytes(arch, inp.pack_tokens, 1, layout, e)
+    act = in_flight * layers * per_layer
+    if layout.recompute == "full":  # one layer's full set while it is recomputed in backward
+        act += layer_activation_bytes(arch, inp.pack_tokens, 1, layout, e, recompute="none")
+    if stage == 0:
+        act += in_flight * 16 * s_local  # int64 token ids and position ids
+    out.items[f"activations ({in_flight} micro-batch{'es' if in_flight > 1 else ''} in flight)"] = act
+    if stage == layout.pp - 1:
+        head = 2 * e * s_local * m.hidden_size * rep  # final-norm input, output-layer input
+        if inp.task == "rm":
+            head += 4 * s_local  # one reward per token position, fp32
+        else:
+            vocab = m.vocab_size / t
+            # logits [s, V/tp] held for backward, their gradient (same dtype), fp32 log-softmax chunks
+            head += 2 * e * s_local * vocab + 2 * 4 * min(s_local * vocab, LOGPROB_CHUNK_ELEMS)
+        out.items["logits and log-prob buffers" if inp.task != "rm" else "reward head"] = head
+    if inp.reference == "online":
+        work = layer_activation_bytes(arch, inp.pack_tokens, 1, layout, e, recompute="none")
+        if stage == layout.pp - 1:
+            work += e * s_local * m.vocab_size / t + 4 * min(s_local * m.vocab_size / t, LOGPROB_CHUNK_ELEMS)
+        out.items["reference model (online, frozen copy)"] = p * e + work
+    elif inp.reference == "precompute":
+        out.items["reference log-probs (precomputed)"] = 4 * s_local
+    out.items["reserve (CUDA context, NCCL, allocator)"] = inp.reserve_gib * GIB
+    return out
+
+
+def rank_memory(m: ModelConfig, layout: Layout, inp: MemoryInputs) -> list[StageMemory]:
+    """Every pipeline stage's memory; the peak rank is ``max(..., key=total)``."""
+    return [stage_memory(m, layout, inp, i) for i in range(layout.pp)]
