@@ -12,7 +12,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from megatron_prefix.model.config import ModelConfig
-from megatron_prefix.planning.flops import StepTime, Workload, assumed_workload, step_time, workload_from_stats
+from megatron_prefix.planning.flops import (
+    StepTime,
+    Workload,
+    assumed_workload,
+    step_time,
+    workload_from_stats,
+)
 from megatron_prefix.planning.memory import GIB, Layout, MemoryInputs, StageMemory, rank_memory
 
 RECOMPUTES = ("none", "selective", "full")
@@ -195,8 +201,8 @@ def runtime_target(cfg, world_size: int, device_mem_gib: float | None) -> Target
     mem = device_mem_gib if device_mem_gib is not None else (c.gpu_mem_gb if c is not None else None)
     if mem is None:
         return None
-    kw = {} if c is None else dict(peak_tflops=c.peak_tflops, mfu=c.mfu, gpus_per_node=c.gpus_per_node,
-                                   reserve_gib=c.reserve_gb)
+    kw = {} if c is None else {"peak_tflops": c.peak_tflops, "mfu": c.mfu, "gpus_per_node": c.gpus_per_node,
+                               "reserve_gib": c.reserve_gb}
     return Target(gpus=world_size, gpu_mem_gib=mem, **kw)
 
 
