@@ -32,7 +32,7 @@ from tests.conftest import ROOT
 
 # GPT-3 175B of the paper's Table 3 (s=2048, h=12288, a=96, t=8), one sequence per micro-batch
 S, B, H, A, T = 2048, 1, 12288, 96, 8
-PAPER = ActivationArch(hidden=H, q=H, kv=H, ffn=4 * H, heads=A, glu=False, dropout=True, attention="dense")
+PAPER = ActivationArch(hidden=H, q=H, kv=H, ffn=4 * H, heads=A)  # the defaults are the paper's layer
 
 
 def _megatron_layers(args) -> float:
@@ -83,13 +83,16 @@ def test_first_stage_equals_megatron_compute_activation_memory():
 
 
 def test_our_layer_against_the_paper_layer():
-    """SwiGLU (fc1 out 2f, silu out f, product f) instead of GeLU (in f, out f); GQA; no dropout; flash."""
+    """Our layer differs from the paper's by named terms: rstd, RoPE copies, megatron's 5-tensor SwiGLU."""
     m = ModelConfig.from_hf_config(ROOT / "configs" / "hf_shapes" / "llama3.1-70b.json")
     arch = ActivationArch.from_model(m, "varlen")
     lay = Layout(tp=8, sequence_parallel=True, recompute="selective")
     s, h, f, kv = 4096, 8192, 28672, 1024
-    expected = 2 * s * (4 * h / 8 + (h + 2 * kv + h + 4 * f) / 8)
-    assert layer_activation_bytes(arch, s, 1, lay, 2) == expected
+    replicated = (2 * 2 * 2 * s * h + 2 * 4 * s) / 8  # two norms: input + output (TE), fp32 rstd
+    sharded = 2 * s * ((h + 2 * kv) + (h + kv) + h + 5 * f) / 8  # QKV out, rotated Q/K, proj input, MLP
+    assert layer_activation_bytes(arch, s, 1, lay, 2) == replicated + sharded
+    none = layer_activation_bytes(arch, s, 1, Layout(tp=8, sequence_parallel=True), 2)
+    assert none - (replicated + sharded) == 4 * 64 * s / 8  # flash: fp32 log-sum-exp per head and token
 
 
 @pytest.mark.parametrize("dist_opt,dp", [(False, 4), (True, 4), (True, 16)])

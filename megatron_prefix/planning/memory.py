@@ -60,23 +60,36 @@ class Layout:
 
 @dataclass(frozen=True)
 class ActivationArch:
-    """What a decoder layer saves for backward (see the module docstring)."""
+    """What a decoder layer saves for backward (see the module docstring); defaults: the paper's layer."""
 
     hidden: int
     q: int  # heads * head_dim
     kv: int  # groups * head_dim
     ffn: int
     heads: int
-    glu: bool = True
-    dropout: bool = False
-    attention: str = "flash"  # flash (fp32 lse per head and token) | dense (materialised scores)
+    norm_saved: int = 2  # h-sized tensors a norm + the next linear keep: input, output (+ normalized: 3)
+    norm_rstd: bool = False  # fp32 1/rms per token per norm
+    rope_copies: bool = False  # rotated Q and K are new tensors; V still keeps the fused QKV output alive
+    mlp_saved: int = 2  # f-sized tensors the MLP keeps (GeLU: input, output; megatron SwiGLU: 5, see below)
+    dropout: bool = True
+    attention: str = "materialized"  # materialized (softmax [+ dropout]) | flash (fp32 lse) | flash+mask
 
     @classmethod
-    def from_model(cls, m: ModelConfig, backend: str = "varlen") -> ActivationArch:
-        """Our layer spec: SwiGLU, no dropout; ``dense`` backend materialises scores, others are flash."""
+    def from_model(cls, m: ModelConfig, backend: str = "varlen", impl: str = "te") -> ActivationArch:
+        """Our layer spec (``model/spec.py``) as megatron-core 0.16 runs it.
+
+        - norms: Transformer Engine's fused norm+linear keeps input, output and rstd; megatron's ``local``
+          spec (torch RMSNorm, CPU) also keeps the normalised input before the weight (3 tensors);
+        - attention: RoPE makes new Q and K while V is a view of the fused QKV output; flash kernels keep
+          their output (the projection's input) and an fp32 log-sum-exp per head; the ``dense`` backend
+          also keeps SDPA's fp32 mask ``[s, s]`` per layer;
+        - MLP (megatron ``glu``, no bias-activation fusion): fc1 output ``2f``, ``x_linear + offset`` ``f``,
+          silu output ``f``, the product (fc2 input) ``f``: 5 f-sized tensors; no dropout (p = 0).
+        """
         return cls(hidden=m.hidden_size, q=m.num_attention_heads * m.kv_channels, kv=m.kv_heads * m.kv_channels,
-                   ffn=m.ffn_hidden_size, heads=m.num_attention_heads,
-                   attention="dense" if backend == "dense" else "flash")
+                   ffn=m.ffn_hidden_size, heads=m.num_attention_heads, norm_saved=3 if impl == "local" else 2,
+                   norm_rstd=True, rope_copies=True, mlp_saved=5, dropout=False,
+                   attention="flash+mask" if backend == "dense" else "flash")
 
 
 def layer_activation_bytes(arch: ActivationArch, seq: int, batch: int, layout: Layout, elem_bytes: int,
@@ -89,17 +102,47 @@ def layer_activation_bytes(arch: ActivationArch, seq: int, batch: int, layout: L
     rep = 1 / t if layout.sequence_parallel else 1.0  # replicated terms: split by SP only
     if recompute == "full":
         return e * sb * h * rep
-    replicated = (4 * e * sb * h + (2 * sb * h if arch.dropout else 0)) * rep
-    mlp = (4 if arch.glu else 2) * e * sb * arch.ffn
-    sharded = (e * sb * (arch.q + 2 * arch.kv) + e * sb * arch.q + mlp) / t
+    replicated = (2 * arch.norm_saved * e * sb * h + (2 * sb * h if arch.dropout else 0)
+                  + (2 * 4 * sb if arch.norm_rstd else 0)) * rep
+    qkv = arch.q + 2 * arch.kv + ((arch.q + arch.kv) if arch.rope_copies else 0)
+    sharded = e * sb * (qkv + arch.q + arch.mlp_saved * arch.ffn) / t
     internals = 0.0
-    if recompute == "none":
-        if arch.attention == "dense":
-            scores = arch.heads * s * seq * batch  # this CP rank's queries against all keys
-            internals = (e + ((1 + e) if arch.dropout else 0)) * scores / t
-        else:
-            internals = 4 * arch.heads * sb / t
+    scores = arch.heads * s * seq * batch  # this CP rank's queries against all keys
+    if arch.attention == "materialized" and recompute == "none":
+        internals = (e + ((1 + e) if arch.dropout else 0)) * scores / t
+    elif arch.attention.startswith("flash") and recompute == "none":  # selective recomputes core attention
+        internals = 4 * arch.heads * sb / t + (4 * s * seq * batch if arch.attention == "flash+mask" else 0)
     return replicated + sharded + internals
+
+
+def head_saved_bytes(m: ModelConfig, arch: ActivationArch, layout: Layout, seq: int, elem_bytes: int,
+                     task: str = "dpo") -> float:
+    """What the last stage keeps for backward: final norm (its output is the output layer's input), logits."""
+    s, t = seq / layout.cp, layout.tp
+    rep = 1 / t if layout.sequence_parallel else 1.0
+    norm = (arch.norm_saved * elem_bytes * s * m.hidden_size + (4 * s if arch.norm_rstd else 0)) * rep
+    return norm + (0 if task == "rm" else elem_bytes * s * m.vocab_size / t)
+
+
+def stage_activations(m: ModelConfig, arch: ActivationArch, layout: Layout, seq: int, elem_bytes: int, *,
+                      in_flight: int, first: bool, last: bool, task: str = "dpo") -> dict[str, float]:
+    """Saved-for-backward high-water mark of one stage, by part: ``layers``, ``inputs``, ``head``, ``recompute``.
+
+    ``in_flight`` micro-batches each keep this stage's layers; the first stage keeps int64 token and
+    position ids, the last the final norm and the logits (``head_saved_bytes``). With full recomputation
+    one layer's complete set is rebuilt during backward, after the head's tensors are released: the
+    peak is the layer inputs plus the larger of the two (``recompute`` is the excess over ``head``).
+    """
+    layers = m.num_layers // layout.pp
+    out = {"layers": in_flight * layers * layer_activation_bytes(arch, seq, 1, layout, elem_bytes)}
+    if first:
+        out["inputs"] = in_flight * 16 * seq / layout.cp
+    if last:
+        out["head"] = head_saved_bytes(m, arch, layout, seq, elem_bytes, task)
+    if layout.recompute == "full":
+        one = layer_activation_bytes(arch, seq, 1, layout, elem_bytes, recompute="none")
+        out["recompute"] = max(0.0, one - out.get("head", 0.0))
+    return out
 
 
 @dataclass
@@ -138,26 +181,21 @@ def stage_memory(m: ModelConfig, layout: Layout, inp: MemoryInputs, stage: int) 
     out.items["weights"] = p * e
     out.items["grads (fp32 main grads)" if bf16 else "grads"] = p * 4
     out.items["optimizer" + (" (distributed)" if shards > 1 else "")] = p * (12 if bf16 else 8) / shards
-    arch = ActivationArch.from_model(m, inp.backend)
-    layers = m.num_layers // layout.pp
+    arch = ActivationArch.from_model(m, inp.backend, "te" if bf16 else "local")
     in_flight = min(layout.pp - stage, max(inp.micro_batches, 1))
     s_local, t = inp.pack_tokens / layout.cp, layout.tp
-    rep = 1 / t if layout.sequence_parallel else 1.0
-    per_layer = layer_activation_bytes(arch, inp.pack_tokens, 1, layout, e)
-    act = in_flight * layers * per_layer
-    if layout.recompute == "full":  # one layer's full set while it is recomputed in backward
-        act += layer_activation_bytes(arch, inp.pack_tokens, 1, layout, e, recompute="none")
-    if stage == 0:
-        act += in_flight * 16 * s_local  # int64 token ids and position ids
-    out.items[f"activations ({in_flight} micro-batch{'es' if in_flight > 1 else ''} in flight)"] = act
-    if stage == layout.pp - 1:
-        head = 2 * e * s_local * m.hidden_size * rep  # final-norm input, output-layer input
+    act = stage_activations(m, arch, layout, inp.pack_tokens, e, in_flight=in_flight, first=stage == 0,
+                            last=stage == layout.pp - 1, task=inp.task)
+    label = f"activations ({in_flight} micro-batch{'es' if in_flight > 1 else ''} in flight)"
+    out.items[label] = act["layers"] + act.get("inputs", 0)
+    if "recompute" in act:
+        out.items["recompute working set (one layer)"] = act["recompute"]
+    if "head" in act:
+        head = act["head"]
         if inp.task == "rm":
             head += 4 * s_local  # one reward per token position, fp32
-        else:
-            vocab = m.vocab_size / t
-            # logits [s, V/tp] held for backward, their gradient (same dtype), fp32 log-softmax chunks
-            head += 2 * e * s_local * vocab + 2 * 4 * min(s_local * vocab, LOGPROB_CHUNK_ELEMS)
+        else:  # the logits' gradient (same dtype) and the fp32 log-softmax chunks of model/logprobs.py
+            head += e * s_local * m.vocab_size / t + 2 * 4 * min(s_local * m.vocab_size / t, LOGPROB_CHUNK_ELEMS)
         out.items["logits and log-prob buffers" if inp.task != "rm" else "reward head"] = head
     if inp.reference == "online":
         work = layer_activation_bytes(arch, inp.pack_tokens, 1, layout, e, recompute="none")
