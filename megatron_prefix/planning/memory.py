@@ -6,24 +6,27 @@ distributed optimizer shards the 12 over the data-parallel-with-CP group (``dp *
 megatron's ``6 + 12 / dp`` (``theoretical_memory_usage.py``). fp32 training (CPU): 4 + 4 + 8 (no master).
 
 Activations (bytes saved for backward per micro-batch and layer) follow Korthikanti et al. 2022,
-"Reducing Activation Recomputation in Large Transformer Models" (Table 2), term by term, generalised to
-GQA, SwiGLU and no dropout (``ActivationArch``): with ``e`` bytes per element, ``s`` tokens (``/cp``),
-``b`` rows, ``t`` = tp, replicated terms divided by ``t`` only under sequence parallelism:
+"Reducing Activation Recomputation in Large Transformer Models" (Table 2), term by term; the terms are
+fields of ``ActivationArch`` whose defaults are the paper's layer (MHA, GeLU MLP, dropout, fp16 scores).
+With ``e`` bytes per element, ``s`` tokens (``/cp``), ``b`` rows, ``t`` = tp, replicated terms divided by
+``t`` only under sequence parallelism:
 
-- replicated: both norm inputs ``2 e sbh``, the QKV input ``e sbh``, the fc1 input ``e sbh``, and with
-  dropout two 1-byte masks ``2 sbh``;
-- TP-sharded: Q, K, V ``e sb(q + 2kv)/t``, the projection input ``e sbq/t``, the MLP (GeLU: input and
-  output ``2 e sbf/t``; SwiGLU: fc1 output ``2f``, silu output ``f`` and the product ``f``, ``4 e sbf/t``);
-- attention internals: materialised scores (dense backend) softmax ``e as^2b/t`` (+ dropout mask and
-  output ``(1 + e) as^2b/t``), or a flash kernel's fp32 log-sum-exp ``4 asb/t``; dropped by
-  ``recompute=selective`` (megatron recomputes core attention);
-- ``recompute=full``: only each layer's input ``e sbh`` (``/t`` with SP) plus one layer's full set while
-  it is recomputed.
+- replicated: each of the two norms keeps ``norm_saved`` h-sized tensors (its input and its output, the
+  next linear's input; megatron's ``local`` spec also the normalised input) and, ours, an fp32 rstd;
+  with dropout two 1-byte masks ``2 sbh``;
+- TP-sharded: the QKV output ``q + 2kv`` (plus RoPE's new Q and K, ``q + kv``, ours), the projection
+  input ``q``, the MLP's ``mlp_saved`` f-sized tensors (GeLU 2; megatron's SwiGLU 5);
+- attention internals: materialised scores ``e as^2b/t`` (+ dropout mask and output ``(1 + e) as^2b/t``),
+  or a flash kernel's fp32 log-sum-exp ``4 asb/t`` (+ SDPA's fp32 ``[s, s]`` mask for the ``dense``
+  backend); all dropped by ``recompute=selective`` (megatron recomputes core attention);
+- ``recompute=full``: only each layer's input ``e sbh`` (``/t`` with SP), plus one layer's full set while
+  it is recomputed in backward (``stage_activations``).
 
-For MHA, GeLU with ``f = 4h`` and dropout this is ``sbh(34 + 5as/h)`` without parallelism and
-``sbh(10 + 24/t + 5as/(ht))`` with TP, as in the paper; ``tests/test_plan_memory.py`` pins both and
-megatron's ``compute_activation_memory``. Pipeline 1F1B: stage ``i`` holds ``min(pp - i, m)``
-micro-batches in flight (the first stage the most). Pure arithmetic: no torch.
+For the paper's layer this is ``sbh(34 + 5as/h)`` without parallelism and ``sbh(10 + 24/t + 5as/(ht))``
+with TP; ``tests/test_plan_memory.py`` pins both and megatron's ``compute_activation_memory``, and
+``tests/test_plan_measured.py`` checks ours against the tensors a tiny model really saves on CPU.
+Pipeline 1F1B: stage ``i`` holds ``min(pp - i, m)`` micro-batches in flight (the first stage the most).
+Pure arithmetic: no torch.
 """
 
 from __future__ import annotations
