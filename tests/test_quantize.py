@@ -21,9 +21,9 @@ from tests.conftest import ROOT
 pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt not installed (pip install '.[quantize]')")
 
 # relative RMS logit error of the dequantized export vs the unquantized model. Measured on this random tiny
-# model: fp8 0.081, int4_awq 0.34 (16 levels per 128-wide group of Gaussian weights, ~11% RMS error per weight,
+# model: fp8 0.081, int4_awq 0.36 (16 levels per 128-wide group of Gaussian weights, ~11% RMS error per weight,
 # compounded over 2 layers: random weights are the worst case for 4 bits). The second, tighter check is that the
-# files are as faithful as modelopt's in-memory quantized model (0.3411 vs 0.3417; fp8 0.081 vs 0.105, which
+# files are as faithful as modelopt's in-memory quantized model (0.360 vs 0.375; fp8 0.081 vs 0.108, which
 # also quantizes activations).
 TOLERANCE = {"fp8": 0.10, "int4_awq": 0.45}
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -108,8 +108,8 @@ def test_export_is_complete_and_dequantizes_close(tool, tiny_hf, calib_dataset, 
     original, config = tool.load_policy(str(tiny_hf), "cpu")
     want = _logits(original, ids)
     model, _ = tool.load_policy(str(tiny_hf), "cpu")
-    batches = tool.calibration_batches(str(calib_dataset), config["vocab_size"], 16, 128)
-    assert len(batches) == 16 and all(b.shape[1] <= 128 for b in batches)
+    batches = tool.calibration_batches(str(calib_dataset), config["vocab_size"], 8, 64)
+    assert len(batches) == 8 and all(b.shape[1] <= 64 for b in batches)
     model = tool.quantize_model(model, fmt, batches, "cpu")
     in_memory = _logits(model, ids)  # modelopt's own simulated quantization, before export
     out = tmp_path / fmt
