@@ -104,3 +104,20 @@ def test_stats_give_shared_and_unshared_flops(plan_tool):
     assert 2_600_000 / 1_500_000 < ratio < 2_000_000_000 / 900_000_000
     assert plan.shared.gpu_hours_per_epoch == pytest.approx(
         1000 / cfg.data.global_batch_units * plan.shared.seconds * 8 / 3600)
+
+
+def test_stats_file_on_the_command_line(plan_tool, capsys, tmp_path):
+    """--stats DATASET/stats.json (or the folder): GPU-hours per epoch appear; a missing file is an error."""
+    import json
+
+    stats = {"units": 50_000, "responses_per_unit": {"2": 50_000}, "shared_tokens": 60_000_000,
+             "unshared_tokens": 100_000_000, "shared_attention_pairs": 3 * 10**10,
+             "unshared_attention_pairs": 6 * 10**10, "pack_fill": 0.97, "rows": 7500,
+             "pack_fill_unshared": 0.95, "rows_unshared": 12_600}
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    code, out, _ = _run(plan_tool, capsys, "--config", "configs/llama3.1-8b-dpo.yaml", "--stats", str(tmp_path))
+    assert code == 0 and str(tmp_path / "stats.json") in out
+    hours = [float(x.replace(",", "")) for x in re.findall(r"GPU-hours/epoch ([\d,.]+)", out)]
+    assert len(hours) == 2 and hours[1] > hours[0] > 0  # unshared costs more per epoch
+    code, _, err = _run(plan_tool, capsys, "--config", "configs/llama3.1-8b-dpo.yaml", "--stats", str(tmp_path / "x"))
+    assert code == 2 and "no stats.json" in err

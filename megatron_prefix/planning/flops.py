@@ -47,6 +47,10 @@ def model_flops(m: ModelConfig, tokens: float, attn_pairs: float) -> float:
 
 def workload_from_stats(stats: dict, layout: str, source: str) -> Workload:
     """Per-unit figures of ``layout`` (shared | unshared) from a ``stats.json`` dict."""
+    need = ("units", "responses_per_unit", f"{layout}_tokens", f"{layout}_attention_pairs", "pack_fill", "rows")
+    missing = [k for k in need if k not in stats]
+    if missing:
+        raise ValueError(f"{source}: missing {missing}; rebuild the dataset with tools/build_dataset.py")
     units = int(stats["units"])
     if units == 0:
         raise ValueError(f"{source}: the dataset has no units")
