@@ -209,15 +209,24 @@ def runtime_target(cfg, world_size: int, device_mem_gib: float | None) -> Target
 
 
 def check_fit(cfg, model: ModelConfig, world_size: int, device_mem_gib: float | None) -> Plan | None:
-    """The launchers' start-up check: ``ValueError`` naming the layout when the planner says it cannot fit."""
-    target = runtime_target(cfg, world_size, device_mem_gib)
+    """The launchers' start-up check: ``ValueError`` naming the layout when the planner says it cannot fit.
+
+    Returns the plan, or None when the check is skipped: switched off (``cluster.fit_check=false``), no
+    GPU memory known, or an invalid recipe (left to config validation, which names the field).
+    """
     p = cfg.parallel
-    if target is None or world_size % (p.tp * p.pp * p.cp):
-        return None  # switched off / unknown memory; a bad world size is config validation's to report
-    for section in (cfg.data, cfg.train, cfg.cluster):
-        section.validate()
-    model.validate(p.tp)
-    stats, source = load_stats(None, cfg)
+    try:  # what the plan reads must be valid; if not, config validation reports it (all errors at once)
+        for section in (cfg.data, cfg.train, cfg.cluster):
+            section.validate()
+        model.validate(p.tp)
+        stats, source = load_stats(None, cfg)
+        if min(p.tp, p.pp, p.cp) < 1 or world_size % (p.tp * p.pp * p.cp):
+            return None
+    except ValueError:
+        return None
+    target = runtime_target(cfg, world_size, device_mem_gib)
+    if target is None:
+        return None  # switched off, or no GPU memory known (CPU run of a recipe without cluster.gpu_mem_gb)
     plan = make_plan(cfg, model, replace(target), stats=stats, stats_source=source)
     if not plan.fits:
         raise ValueError(f"parallel: the planner says this layout cannot fit: {plan.refusal()} "

@@ -74,6 +74,9 @@ def parse_config(argv: list[str], task: str) -> TrainConfig:
     if hf:
         cfg.model = ModelConfig.from_hf_config(hf)
     cfg.model_source = hf  # not a dataclass field: where the architecture came from (None: the recipe)
+    # the planner refuses a layout that cannot fit (GPU memory, else the recipe's cluster.gpu_mem_gb)
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+    check_fit(cfg, cfg.model, int(os.environ.get("WORLD_SIZE", "1")), gpu_gib)
     return cfg
 
 
@@ -98,9 +101,6 @@ class Run:
         self.cfg = cfg
         self.cuda = torch.cuda.is_available() and cfg.resolved_device(torch.cuda.is_available()) == "cuda"
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        # the planner refuses a layout that cannot fit (GPU memory, else the recipe's cluster.gpu_mem_gb)
-        gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
-        check_fit(cfg, cfg.model, world, gpu_gib)
         cfg.validate(world_size=world, cuda=torch.cuda.is_available())
         p = cfg.parallel
         self.info = init_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.train.seed)
