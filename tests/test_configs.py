@@ -11,12 +11,11 @@ from megatron_prefix.model.config import ModelConfig
 from megatron_prefix.training.config import TrainConfig
 from tests.conftest import ROOT
 
-LLAMA3_8B = ModelConfig(family="llama", hidden_size=4096, ffn_hidden_size=14336, num_layers=32,
-                        num_attention_heads=32, num_query_groups=8, vocab_size=128256)
-QWEN25_72B = ModelConfig(family="qwen2", hidden_size=8192, ffn_hidden_size=29568, num_layers=80,
-                         num_attention_heads=64, num_query_groups=8, vocab_size=152064, qkv_bias=True)
-RECIPES = {"demo-cpu.yaml": (None, 1, False), "llama3-8b-dpo.yaml": (LLAMA3_8B, 8, True),
-           "qwen2.5-72b-dpo.yaml": (QWEN25_72B, 32, True)}
+SHAPES = ROOT / "configs" / "hf_shapes"
+# recipe -> (the HF shapes its model.hf_config names, or None for a recipe-defined model; world size; CUDA)
+RECIPES = {"demo-cpu.yaml": (None, 1, False), "llama3.1-8b-dpo.yaml": ("llama3.1-8b.json", 8, True),
+           "llama3.1-70b-dpo.yaml": ("llama3.1-70b.json", 32, True),
+           "qwen2.5-72b-dpo.yaml": ("qwen2.5-72b.json", 32, True)}
 
 
 def load(name: str) -> TrainConfig:
@@ -27,10 +26,11 @@ def load(name: str) -> TrainConfig:
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_validates_for_its_world(name):
-    model, world, cuda = RECIPES[name]
+    shapes, world, cuda = RECIPES[name]
     cfg = load(name)
-    if model is not None:
-        cfg.model = model
+    if shapes is not None:
+        assert load_yaml(ROOT / "configs" / name)["model"]["hf_config"] == f"configs/hf_shapes/{shapes}"
+        cfg.model = ModelConfig.from_hf_config(SHAPES / shapes)
     cfg.validate(world_size=world, cuda=cuda)
 
 
@@ -39,8 +39,8 @@ def test_every_recipe_is_covered():
 
 
 def test_gpu_recipes_refuse_cpu():
-    cfg = load("llama3-8b-dpo.yaml")
-    cfg.model = LLAMA3_8B
+    cfg = load("llama3.1-8b-dpo.yaml")
+    cfg.model = ModelConfig.from_hf_config(SHAPES / "llama3.1-8b.json")
     with pytest.raises(ValueError, match="attention.backend|train.dtype"):
         cfg.validate(world_size=8, cuda=False)
 

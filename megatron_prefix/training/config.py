@@ -17,6 +17,7 @@ from megatron_prefix.data.batching import BatchConfig
 from megatron_prefix.losses.config import NO_REFERENCE
 from megatron_prefix.losses.registry import LossConfig
 from megatron_prefix.model.config import ModelConfig
+from megatron_prefix.planning.cluster import ClusterConfig
 from megatron_prefix.training.checkpoint import CheckpointConfig
 from megatron_prefix.training.metrics import LoggingConfig
 
@@ -161,6 +162,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # target GPUs (tools/plan.py, fit check)
 
     def validate(self, world_size: int = 1, cuda: bool = False) -> None:
         """Check every section and the cross-section rules; ``ValueError`` names the field."""

@@ -29,6 +29,7 @@ from megatron_prefix.config import ConfigError, apply_overrides, collect_errors,
 from megatron_prefix.data.dataset import PreferenceDataset
 from megatron_prefix.model.config import ModelConfig
 from megatron_prefix.parallel import init_parallel, seed_everything
+from megatron_prefix.planning.search import check_fit
 from megatron_prefix.training import flops
 from megatron_prefix.training.checkpoint import CheckpointManager, resolve
 from megatron_prefix.training.config import TrainConfig
@@ -79,6 +80,9 @@ def parse_config(argv: list[str], task: str) -> TrainConfig:
     if hf:
         cfg.model = ModelConfig.from_hf_config(hf)
     cfg.model_source = hf  # not a dataclass field: where the architecture came from (None: the recipe)
+    if not errors:  # the planner refuses a layout that cannot fit (GPU memory, else cluster.gpu_mem_gb)
+        gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+        check_fit(cfg, cfg.model, int(os.environ.get("WORLD_SIZE", "1")), gpu_gib)
     try:  # every error of the recipe at once: types first, then the rules
         with collect_errors():
             cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")), cuda=torch.cuda.is_available())
