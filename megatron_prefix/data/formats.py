@@ -72,6 +72,7 @@ SKIP_REASONS = (
     "prompt_mismatch",
     "bad_role",
     "bad_prompt",
+    "truncated_file",
 )
 
 ROLE_ALIASES = {
