@@ -137,12 +137,15 @@ class UnitStore:
         self.resp_slots = idx["resp_slots"]
         self.unit_records = idx["unit_records"]
         size = os.path.getsize(self.dir / TOKENS_FILE)
+        if size % 4:
+            raise ValueError(f"{self.dir / TOKENS_FILE}: corrupt dataset ({size} bytes is not a whole number of "
+                             "int32 tokens); rebuild it with tools/build_dataset.py")
         self.tokens = (
             np.memmap(self.dir / TOKENS_FILE, dtype="<i4", mode="r") if size else np.zeros(0, dtype=np.int32)
         )
-        self._check(size)
+        self._check()
 
-    def _check(self, size: int) -> None:
+    def _check(self) -> None:
         """Cheap consistency checks: a corrupt or mixed dataset is an error naming the file."""
         units, resps = len(self.prompt_lens), len(self.resp_lens)
 
@@ -150,8 +153,6 @@ class UnitStore:
             return ValueError(f"{self.dir / name}: corrupt dataset ({what}); rebuild it with "
                               "tools/build_dataset.py")
 
-        if size % 4:
-            raise bad(TOKENS_FILE, f"{size} bytes is not a whole number of int32 tokens")
         for name, n in (("unit_offsets", units + 1), ("resp_offsets", units + 1), ("unit_records", units),
                         ("resp_scores", resps), ("resp_slots", resps)):
             arr = getattr(self, name)
