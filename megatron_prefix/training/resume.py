@@ -7,12 +7,15 @@ instead of being ignored. The error names each field with both values. Fields th
 weights' meaning are not compared: ``vocab_size`` (checked against the dataset separately),
 ``max_position_embeddings``, ``init_method_std``, ``params_dtype`` (a checkpoint loads into another dtype).
 
-Pure logic: no torch, no megatron.
+``model_mismatch`` / ``check_model`` are pure logic; ``start_points`` imports the checkpoint module
+(torch) when called.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 NOT_COMPARED = ("vocab_size", "max_position_embeddings", "init_method_std", "params_dtype")
@@ -60,3 +63,23 @@ def check_model(saved: dict | None, requested: Any, where: str, resume: bool, on
                else "drop those fields from the recipe (the checkpoint decides the architecture) or load a "
                     "matching checkpoint")
         raise ValueError(f"{where} was saved with another model: " + "; ".join(diffs) + f". {how}")
+
+
+def start_points(ckpt: Any, load: str | None, log: Callable[[str], None]) -> tuple[Path | None, Path | None]:
+    """(checkpoint to resume from, checkpoint to load weights from): at most one is set; both verified.
+
+    ``ckpt``: the run's ``CheckpointManager`` (its ``latest``, or ``checkpoint.resume_from`` while that
+    is unusable); ``load``: ``checkpoint.load`` (used only for a fresh run).
+    """
+    from megatron_prefix.training.checkpoint import resolve, verify
+
+    resume = ckpt.resume_point(log=log)
+    if resume is not None or not load:
+        return resume, None
+    path = resolve(load)
+    if path is None:
+        raise ValueError(f"checkpoint.load: {load} holds no checkpoint")
+    note = verify(path)
+    if note:
+        log(note)
+    return None, path

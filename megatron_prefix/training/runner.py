@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict, replace
@@ -30,7 +29,7 @@ from megatron_prefix.data.dataset import PreferenceDataset
 from megatron_prefix.model.config import ModelConfig
 from megatron_prefix.parallel import init_parallel, seed_everything
 from megatron_prefix.training import flops
-from megatron_prefix.training.checkpoint import CheckpointError, CheckpointManager, resolve, verify
+from megatron_prefix.training.checkpoint import CheckpointError, CheckpointManager, resolve
 from megatron_prefix.training.config import TrainConfig
 from megatron_prefix.training.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR
 from megatron_prefix.training.loader import StepLoader, eval_rows
@@ -38,29 +37,12 @@ from megatron_prefix.training.metrics import MetricsLogger, console_line
 from megatron_prefix.training.reference import (
     ReferenceCache, checkpoint_fingerprint, dataset_digest, key_digest, precompute,
 )
-from megatron_prefix.training.resume import check_model
+from megatron_prefix.training.resume import check_model, start_points
 from megatron_prefix.training.setup import build_stage, build_trainable, load_state, sharded_state
+from megatron_prefix.training.signals import PreemptedExit, _agree, _Preempted
 from megatron_prefix.training.step import (
     StepContext, logprob_collector, loss_func, make_microbatches, reduce_report, response_positions, run_schedule,
 )
-
-
-class PreemptedExit(Exception):
-    """A signal arrived before training started (during the reference precompute); progress is saved."""
-
-
-class _Preempted:
-    """Set by SIGTERM / SIGUSR1; checked (and agreed on by all ranks) after every step."""
-
-    flag = False
-
-    @classmethod
-    def install(cls) -> None:
-        def handler(signum, frame):  # noqa: ARG001
-            cls.flag = True
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
 
 
 def parse_config(argv: list[str], task: str) -> TrainConfig:
@@ -88,15 +70,6 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def _agree(flag: bool, device: torch.device) -> bool:
-    """True on every rank when any rank says True."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 class Run:
     """One training run; ``main`` drives it."""
 
@@ -111,15 +84,7 @@ class Run:
         self.dataset = PreferenceDataset(cfg.data.path, cfg.data.layout)
         _Preempted.install()  # from here on a preemption notice is honoured (precompute included)
         self.ckpt = CheckpointManager(cfg.checkpoint, log=_log)
-        self.resume_path = self.ckpt.resume_point(log=_log)
-        self.load_path = None
-        if self.resume_path is None and cfg.checkpoint.load:
-            self.load_path = resolve(cfg.checkpoint.load)
-            if self.load_path is None:
-                raise ValueError(f"checkpoint.load: {cfg.checkpoint.load} holds no checkpoint")
-            note = verify(self.load_path)
-            if note:
-                _log(note)
+        self.resume_path, self.load_path = start_points(self.ckpt, cfg.checkpoint.load, _log)
         self._fix_vocab()
         self.train_ids, self.eval_ids = self.dataset.split_ids(cfg.data.eval_fraction, cfg.data.seed)
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
