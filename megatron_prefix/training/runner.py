@@ -388,4 +388,5 @@ def main(argv: list[str], task: str) -> int:
     code = run.run()
     if dist.is_initialized():
         dist.barrier()
+    run.ckpt.close()  # release checkpoint.dir/.lock (also done at exit)
     return code
