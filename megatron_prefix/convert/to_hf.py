@@ -73,12 +73,15 @@ def inspect_checkpoint(ckpt: str | Path) -> CheckpointInfo:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from megatron_prefix.compat.safe_metadata import install_safe_metadata_reader
+
     path = resolve_checkpoint(ckpt)
     state = json.loads((path / "train_state.json").read_text())
     if "model" not in state:
         raise ValueError(f"{path}/train_state.json: no `model` entry (the architecture) to export")
     cfg = ModelConfig(**state["model"])
     cfg.validate()
+    install_safe_metadata_reader()  # .metadata is a pickle: admit only checkpoint metadata classes
     stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     meta = {k: (tuple(m.size), m.properties.dtype) for k, m in stored.items() if isinstance(m, TensorStorageMetadata)}
     task = state.get("task", "dpo")

@@ -6,6 +6,13 @@ consumed in input order, so the output is byte-identical for the same input what
 units are appended to the store as they come (memory stays flat in the input size). Every skipped record
 lands in ``skipped.jsonl`` with file, line and reason, and in ``stats.json`` by reason.
 
+One build per output folder: the builder takes ``<output>.lock`` beside it (a second build is refused
+naming the holder's host and pid; a lock left by a dead process on this host is taken over, saying so),
+writes into a temporary folder beside the output (``.<name>.building-<pid>``) and renames it into place
+when complete, so a crash or kill never leaves a half-written dataset under the output name. A rebuild
+over an existing dataset replaces its files (``meta.json`` last); other files there (e.g. a reference
+cache) are kept.
+
 Pure Python + numpy: no torch, no megatron.
 """
 
@@ -15,11 +22,13 @@ import hashlib
 import itertools
 import json
 import multiprocessing as mp
+import os
+import shutil
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -29,9 +38,11 @@ from megatron_prefix.data.packing import fill_ratio, pack_bins
 from megatron_prefix.data.readers import expand_inputs, open_records, parse_field_map
 from megatron_prefix.data.records import PreferenceRecord, Skipped, SkipRecord
 from megatron_prefix.data.stats import StatsAccumulator
-from megatron_prefix.data.storage import UnitWriter, write_json
+from megatron_prefix.data.storage import INDEX_DIR, META_FILE, TOKENS_FILE, UnitWriter, write_json
 from megatron_prefix.data.tokenizers import load_tokenizer
 from megatron_prefix.data.units import UnitBuilder, UnitConfig
+from megatron_prefix.faults import fault_point
+from megatron_prefix.locks import DirLock
 
 CHUNK_RECORDS = 256
 
@@ -110,13 +121,50 @@ def _file_digest(path: str) -> str:
 
 
 def build_dataset(cfg: BuildConfig, log: Callable[[str], None] = print) -> dict:
-    """Build the dataset described by ``cfg``; returns the ``stats.json`` dict."""
+    """Build the dataset described by ``cfg``; returns the ``stats.json`` dict.
+
+    Holds ``<output>.lock`` meanwhile (``LockHeld``, a ``ValueError``, when another build holds it).
+    """
     cfg.validate()
     if cfg.units.template_date is None:  # pinned and recorded in meta.json: a rebuild with it is identical
         cfg.units.template_date = datetime.now(timezone.utc).date().isoformat()
+    final = Path(cfg.output)
+    if final.exists() and not final.is_dir():
+        raise ValueError(f"output: {final} exists and is not a directory")
+    lock = DirLock(final.parent / f"{final.name}.lock", "output")
+    note = lock.acquire()
+    if note:
+        log(note)
+    work = final.parent / f".{final.name}.building-{os.getpid()}"
+    try:
+        for stale in final.parent.glob(f".{final.name}.building-*"):  # a killed build's leftovers
+            shutil.rmtree(stale, ignore_errors=True)
+        result = _build_into(cfg, work, log)
+        fault_point("build", 0)
+        _move_into_place(work, final)
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        lock.release()
+
+
+def _move_into_place(work: Path, final: Path) -> None:
+    """Rename the finished build to ``final``; over an old dataset, replace its files, ``meta.json`` last."""
+    if not final.exists():
+        os.replace(work, final)
+        return
+    (final / META_FILE).unlink(missing_ok=True)  # from here on the old dataset no longer opens
+    for name in (TOKENS_FILE, "stats.json", "skipped.jsonl"):
+        os.replace(work / name, final / name)
+    if (final / INDEX_DIR).exists():
+        shutil.rmtree(final / INDEX_DIR)
+    os.replace(work / INDEX_DIR, final / INDEX_DIR)
+    os.replace(work / META_FILE, final / META_FILE)
+
+
+def _build_into(cfg: BuildConfig, out: Path, log: Callable[[str], None]) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer)
     field_map = parse_field_map(cfg.field_map) if cfg.field_map else None
-    out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     writer = UnitWriter(out)
     stats = StatsAccumulator()

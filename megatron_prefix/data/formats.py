@@ -99,6 +99,7 @@ SKIP_REASONS = (
     "bad_role",
     "bad_prompt",
     "image_unsupported",
+    "truncated_file",
 )
 
 HUMAN_SEP = "\n\nHuman:"

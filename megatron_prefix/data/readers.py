@@ -20,6 +20,9 @@ expands to its data files, each read and reported on its own.
 
 Every record naming media (``images``, an image part, an ``<image>`` placeholder) is skipped as
 ``image_unsupported`` (``messages.refuse_media``), whatever the format.
+A record holding a lone surrogate escape (``"\\ud800"``, which Python's ``json.dumps`` writes for a
+broken string) is ``bad_utf8`` (it cannot be encoded, so no tokenizer takes it). A gzip stream that ends
+early (a cut download) keeps every record before the cut and adds one ``truncated_file`` skip.
 
 Formats and per-record rules: see ``formats.py``. Pure Python: no torch, no megatron.
 """
@@ -27,7 +30,7 @@ Formats and per-record rules: see ``formats.py``. Pure Python: no torch, no mega
 from __future__ import annotations
 
 import codecs
-import gzip
+import io
 import json
 import re
 import zlib
@@ -57,6 +60,8 @@ DETECT_MAX_RECORDS = 32  # detect_format looks at most this many records for the
 _WS = " \t\r\n"
 _TAIL = 32  # a decode error this close to the buffer end may be a cut element: read more first
 _SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")
+_SURROGATE_JSON = re.compile(r"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape in JSON text (pairs are fine)
+_LONE_SURROGATE = "lone surrogate escape (like \\ud800): the text is not valid Unicode"
 _decoder = json.JSONDecoder()
 
 
@@ -102,13 +107,52 @@ def check_field_map(field_map: Mapping[str, str] | None) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------- containers
 
 
+class _GzipStream(io.RawIOBase):
+    """gzip members (one or several, concatenated) decompressed incrementally; a stream cut short ends
+    quietly with ``truncated`` set, so everything decompressed before the cut is still read."""
+
+    def __init__(self, raw: IO[bytes]):
+        self.raw = raw
+        self.truncated = False
+        self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            if self._z.eof:
+                rest = self._z.unused_data
+                if not rest:
+                    rest = self.raw.read(1 << 15)
+                if not rest:
+                    return 0
+                self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                self._buf = self._z.decompress(rest, 1 << 16)
+                continue
+            data = self._z.unconsumed_tail or self.raw.read(1 << 15)
+            if not data:
+                self.truncated = True  # no end-of-stream marker: the file was cut
+                return 0
+            self._buf = self._z.decompress(data, 1 << 16)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
 def _open_bytes(path: Path) -> IO[bytes]:
     """Open a file for binary reading, gunzipping transparently when it starts with the gzip magic."""
     raw = open(path, "rb")  # noqa: SIM115 - returned open, closed by the caller's ``with``
     magic = raw.read(2)
     raw.seek(0)
     if magic == GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+        return io.BufferedReader(_GzipStream(raw), 1 << 16)  # type: ignore[return-value]
     return raw
 
 
@@ -122,6 +166,17 @@ def _is_array(path: Path) -> bool:
             stripped = chunk.lstrip(b" \t\r\n").removeprefix(codecs.BOM_UTF8).lstrip(b" \t\r\n")
             if stripped:
                 return stripped[:1] == b"["
+
+
+def _lone_surrogate(text: str, obj: Any) -> bool:
+    """True when the decoded ``obj`` holds an unpaired surrogate (checked only when ``text`` has an escape)."""
+    if not _SURROGATE_JSON.search(text):
+        return False
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _iter_jsonl(stream: IO[bytes]) -> Iterator[tuple[int, Any]]:
@@ -140,9 +195,11 @@ def _iter_jsonl(stream: IO[bytes]) -> Iterator[tuple[int, Any]]:
         if not text.strip():
             continue
         try:
-            yield line_no, json.loads(text)
+            obj = json.loads(text)
         except (json.JSONDecodeError, RecursionError) as e:
             yield line_no, SkipRecord("malformed_json", str(e)[:200])
+            continue
+        yield line_no, SkipRecord("bad_utf8", _LONE_SURROGATE) if _lone_surrogate(text, obj) else obj
 
 
 def _iter_array(stream: IO[bytes], chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[int, Any]]:
@@ -215,6 +272,8 @@ def _iter_array(stream: IO[bytes], chunk_chars: int = CHUNK_CHARS) -> Iterator[t
         index += 1
         if _SURROGATE_ESCAPE.search(text):
             yield index, SkipRecord("bad_utf8", f"invalid UTF-8 in element {index - 1}")
+        elif _lone_surrogate(text, obj):
+            yield index, SkipRecord("bad_utf8", f"{_LONE_SURROGATE} (element {index - 1})")
         else:
             yield index, obj
         if not skip_ws():
@@ -231,7 +290,8 @@ def _iter_array(stream: IO[bytes], chunk_chars: int = CHUNK_CHARS) -> Iterator[t
 def iter_raw(path: PathLike) -> Iterator[tuple[int, Any]]:
     """``(line, decoded JSON value or SkipRecord)`` for each record of one file, streaming.
 
-    Raises ``ValueError`` naming the file when it is missing or its compression is corrupt.
+    Raises ``ValueError`` naming the file when it is missing or its compression is corrupt; a gzip stream
+    that ends early yields a final ``truncated_file`` skip after the records before the cut.
     """
     path = Path(path)
     if not path.is_file():
@@ -246,6 +306,8 @@ def iter_raw(path: PathLike) -> Iterator[tuple[int, Any]]:
         with _open_bytes(path) as stream:
             for line, value in _iter_array(stream) if array else _iter_jsonl(stream):
                 yield line, value
+            if getattr(getattr(stream, "raw", None), "truncated", False):  # gzip cut short: the rest is good
+                yield line + 1, SkipRecord("truncated_file", f"gzip stream ends early (cut file) after record {line}")
     except (OSError, EOFError, zlib.error) as e:
         raise ValueError(f"{path}: unreadable after record {line}: {e}") from e
 

@@ -99,6 +99,14 @@ class UnitWriter:
         write_json(self.dir / META_FILE, {"format_version": FORMAT_VERSION, **meta})
 
 
+def _load_index(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path}: corrupt index array ({err}); rebuild the dataset with "
+                         "tools/build_dataset.py") from err
+
+
 class UnitStore:
     """Read-only, memory-mapped view of a built dataset's units."""
 
@@ -109,13 +117,18 @@ class UnitStore:
                 raise ValueError(
                     f"{self.dir}: not a built dataset ({name} missing); build one with tools/build_dataset.py"
                 )
-        self.meta = json.loads((self.dir / META_FILE).read_text())
+        try:
+            self.meta = json.loads((self.dir / META_FILE).read_text())
+            if not isinstance(self.meta, dict):
+                raise TypeError("not a JSON object")
+        except (ValueError, TypeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{self.dir / META_FILE}: corrupt ({err}); rebuild the dataset") from err
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{self.dir / META_FILE}: format_version {self.meta.get('format_version')} is not "
                 f"{FORMAT_VERSION}; rebuild the dataset with this version of tools/build_dataset.py"
             )
-        idx = {a: np.load(self.dir / INDEX_DIR / f"{a}.npy", mmap_mode="r") for a in INDEX_ARRAYS}
+        idx = {a: _load_index(self.dir / INDEX_DIR / f"{a}.npy") for a in INDEX_ARRAYS}
         self.unit_offsets = idx["unit_offsets"]
         self.prompt_lens = idx["prompt_lens"]
         self.resp_offsets = idx["resp_offsets"]
@@ -124,10 +137,34 @@ class UnitStore:
         self.resp_slots = idx["resp_slots"]
         self.unit_records = idx["unit_records"]
         size = os.path.getsize(self.dir / TOKENS_FILE)
+        if size % 4:
+            raise ValueError(f"{self.dir / TOKENS_FILE}: corrupt dataset ({size} bytes is not a whole number of "
+                             "int32 tokens); rebuild it with tools/build_dataset.py")
         self.tokens = (
             np.memmap(self.dir / TOKENS_FILE, dtype="<i4", mode="r") if size else np.zeros(0, dtype=np.int32)
         )
-        assert len(self.tokens) == self.unit_offsets[-1], "tokens.bin does not match the index"
+        self._check()
+
+    def _check(self) -> None:
+        """Cheap consistency checks: a corrupt or mixed dataset is an error naming the file."""
+        units, resps = len(self.prompt_lens), len(self.resp_lens)
+
+        def bad(name: str, what: str) -> ValueError:
+            return ValueError(f"{self.dir / name}: corrupt dataset ({what}); rebuild it with "
+                              "tools/build_dataset.py")
+
+        for name, n in (("unit_offsets", units + 1), ("resp_offsets", units + 1), ("unit_records", units),
+                        ("resp_scores", resps), ("resp_slots", resps)):
+            arr = getattr(self, name)
+            if arr.ndim != 1 or len(arr) != n:
+                raise bad(f"{INDEX_DIR}/{name}.npy", f"{len(arr)} entries, expected {n}")
+        if len(self.unit_offsets) and int(self.unit_offsets[-1]) != len(self.tokens):
+            raise bad(TOKENS_FILE, f"{len(self.tokens)} tokens, the index says {int(self.unit_offsets[-1])}")
+        if int(self.resp_offsets[-1]) != resps:
+            raise bad(f"{INDEX_DIR}/resp_offsets.npy", f"ends at {int(self.resp_offsets[-1])}, expected {resps}")
+        units_meta = self.meta.get("units")
+        if units_meta is not None and units_meta != units:
+            raise bad(META_FILE, f"says {units_meta} units, the index has {units}")
 
     def __len__(self) -> int:
         return len(self.prompt_lens)

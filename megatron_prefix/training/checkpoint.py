@@ -5,13 +5,24 @@ Layout of ``checkpoint.dir``::
     iter_0000020/            a complete checkpoint: megatron torch_dist shards of model + optimizer,
         train_state.json     step, scheduler state, data position, config, world layout
         rng/rank_00000.pt    per-rank torch / CUDA / megatron-tracker RNG states (tensors only)
+        manifest.json        size and sha256 of every other file of the checkpoint (written last)
     latest                   text: the directory name of the newest complete checkpoint
     metrics.jsonl            one JSON object per optimizer step (written by the trainer)
+    .lock                    host and pid of the job using this directory (see megatron_prefix.locks)
 
-A save goes to ``iter_XXXXXXX.tmp`` and is renamed when every rank has finished; ``latest`` is then
-replaced atomically (write + ``os.replace``), so a kill at any moment leaves ``latest`` on the previous
-good checkpoint. Stale ``.tmp`` directories are removed at start-up. Only the last ``keep_last``
-complete checkpoints are kept.
+One job per directory: the manager takes ``.lock`` first (a second job is refused naming the holder's host
+and pid; a lock left by a dead process on this host is taken over, saying so) and only then removes stale
+``iter_*.tmp`` directories. A save goes to ``iter_XXXXXXX.tmp``; when every rank has finished, rank 0
+writes ``train_state.json`` and ``manifest.json`` there, renames it, then replaces ``latest`` atomically
+(write + fsync + ``os.replace``), so a kill at any moment leaves ``latest`` on the previous good
+checkpoint. Only the last ``keep_last`` complete checkpoints are kept.
+
+Before loading, ``verify`` checks a checkpoint against its manifest (every file present, same size, same
+sha256; the ranks share the hashing) and reads ``.metadata`` through the safe unpickler
+(``compat.safe_metadata``); a bad file is a ``CheckpointError`` naming it. When the checkpoint that
+``latest`` names is unreadable the run stops, naming the previous complete checkpoint:
+``checkpoint.resume_from=iter_XXXXXXX`` resumes from it (never a silent fallback). Checkpoints written
+before manifests existed load with a note.
 
 Resharding (resume at another TP/PP/DP) is dist_checkpointing's job: model and optimizer are saved as
 sharded tensors. RNG states are restored only when the world layout is unchanged (they are per rank).
@@ -22,20 +33,35 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel import random as mcore_random
 
+from megatron_prefix.compat.safe_metadata import install_safe_metadata_reader
 from megatron_prefix.config import require
+from megatron_prefix.faults import fault_point
+from megatron_prefix.locks import DirLock
+from megatron_prefix.training.manifest import (  # noqa: F401 - re-exported: the checkpoint API in one place
+    _ITER,
+    LATEST,
+    MANIFEST,
+    METADATA,
+    STATE_FILE,
+    CheckpointError,
+    _broadcast,
+    read_latest,
+    verify,
+    write_manifest,
+)
 
-LATEST = "latest"
-STATE_FILE = "train_state.json"
+LOCK_FILE = ".lock"
+
 
 
 @dataclass
@@ -48,6 +74,8 @@ class CheckpointConfig:
     load: str | None = None  # a checkpoint dir (or a run dir with `latest`) to start from
     load_optimizer: bool = True  # False: weights only (fine-tuning from a converted checkpoint)
     save_at_end: bool = True
+    # resume from this checkpoint of `dir` (e.g. iter_0000002) while the one `latest` names is unreadable
+    resume_from: str | None = None
 
     def validate(self) -> None:
         require(bool(self.dir), "checkpoint.dir", "must be set")
@@ -67,9 +95,9 @@ def _barrier() -> None:
 def resolve(path: str | Path) -> Path | None:
     """A checkpoint directory from a run dir (via ``latest``) or a checkpoint dir itself; None if none."""
     path = Path(path)
-    if (path / LATEST).is_file():
-        name = (path / LATEST).read_text().strip()
-        return path / name
+    latest = read_latest(path)
+    if latest is not None:
+        return latest
     if (path / STATE_FILE).is_file():
         return path
     return None
@@ -93,33 +121,95 @@ def set_rng_state(state: dict[str, Any]) -> None:
     mcore_random.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _fault_point(where: str, step: int) -> None:
-    """Test hook: ``MEGATRON_PREFIX_FAULT=kill_in_save:STEP`` SIGKILLs the job mid-save at STEP (shards
-    written, nothing renamed) so tests can prove ``latest`` never points at a partial save. The whole
-    process group when this process leads it (as a scheduler kills a job: megatron's checkpoint helper
-    processes go too), else this process."""
-    fault = os.environ.get("MEGATRON_PREFIX_FAULT", "")
-    if fault == f"kill_in_{where}:{step}":
-        if os.getpgrp() == os.getpid():
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 class CheckpointManager:
-    """Save and load training checkpoints under ``cfg.dir``."""
+    """Save and load training checkpoints under ``cfg.dir`` (holding ``cfg.dir/.lock`` meanwhile)."""
 
-    def __init__(self, cfg: CheckpointConfig):
+    def __init__(self, cfg: CheckpointConfig, log: Callable[[str], None] = print):
         self.cfg = cfg
         self.dir = Path(cfg.dir)
+        self.lock = DirLock(self.dir / LOCK_FILE, "checkpoint.dir")
+        install_safe_metadata_reader()
+        error, note = None, None
         if _rank() == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                note = self.lock.acquire()
+            except ValueError as err:
+                error = str(err)
+        error, note = _broadcast((error, note))
+        if error:
+            raise CheckpointError(error)
+        if note:
+            log(note)
+        if _rank() == 0:  # only the lock holder may remove a save in progress
             for stale in self.dir.glob("iter_*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
         _barrier()
 
+    def close(self) -> None:
+        """Release the directory lock (also done at interpreter exit)."""
+        self.lock.release()
+
     def latest(self) -> Path | None:
-        """The newest complete checkpoint of this run, if any."""
-        return resolve(self.dir)
+        """The newest complete checkpoint of this run, if any (as ``latest`` names it)."""
+        try:
+            return read_latest(self.dir)
+        except CheckpointError:
+            return None
+
+    def complete(self) -> list[Path]:
+        """This run's complete checkpoint directories, oldest first."""
+        return sorted(p for p in self.dir.glob("iter_*") if p.is_dir() and _ITER.match(p.name))
+
+    def resume_point(self, log: Callable[[str], None] = print) -> Path | None:
+        """The verified checkpoint to resume from (None: a fresh run); collective.
+
+        ``latest`` decides. When the checkpoint it names is unreadable, ``checkpoint.resume_from`` (a
+        directory name under ``checkpoint.dir``) is used if set, else a ``CheckpointError`` names the
+        problem and the previous complete checkpoint to pass as ``checkpoint.resume_from``.
+        """
+        asked = self.cfg.resume_from
+        try:
+            path = read_latest(self.dir)
+            if path is None and not asked:
+                return None
+            if path is not None:
+                note = verify(path)
+                if note:
+                    log(note)
+                if asked:
+                    log(f"note: checkpoint.resume_from={asked} ignored: {path} (latest) is complete")
+                return path
+            broken = f"{self.dir / LATEST}: missing"
+        except CheckpointError as err:
+            broken = str(err)
+        if asked:
+            chosen = self.dir / asked if not Path(asked).is_absolute() else Path(asked)
+            try:
+                note = verify(chosen)
+            except CheckpointError as err:
+                raise CheckpointError(f"checkpoint.resume_from: {err}") from err
+            log(f"checkpoint.resume_from: resuming from {chosen} because the latest checkpoint is unusable: "
+                f"{broken}")
+            if note:
+                log(note)
+            return chosen
+        raise CheckpointError(self._unusable_message(broken))
+
+    def _unusable_message(self, broken: str) -> str:
+        bad = self.dir / self.dir.joinpath(LATEST).read_text().strip() if (self.dir / LATEST).is_file() else None
+        for cand in reversed(self.complete()):
+            if bad is not None and cand.name == bad.name:
+                continue
+            try:
+                verify(cand)
+            except CheckpointError:
+                continue
+            return (f"the latest checkpoint cannot be used: {broken}. The previous complete checkpoint is "
+                    f"{cand}; rerun with checkpoint.resume_from={cand.name} to resume from it (steps after "
+                    "it are trained again), or move the damaged checkpoint away to start over")
+        return (f"the latest checkpoint cannot be used: {broken}. No earlier complete checkpoint in "
+                f"{self.dir}: restore the files, or use a new checkpoint.dir to start over")
 
     def save(self, step: int, sharded_state: dict, train_state: dict) -> Path:
         """Save collectively (all ranks call it); returns the final directory."""
@@ -134,35 +224,50 @@ class CheckpointManager:
             (tmp / "rng").mkdir(exist_ok=True)
         _barrier()
         torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
-        _fault_point("save", step)
+        fault_point("save", step)
         _barrier()
         if _rank() == 0:
             (tmp / STATE_FILE).write_text(json.dumps(train_state, indent=2, sort_keys=True))
+        _barrier()
+        write_manifest(tmp)
+        if _rank() == 0:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             marker = self.dir / (LATEST + ".tmp")
-            marker.write_text(final.name + "\n")
+            with open(marker, "w") as fh:
+                fh.write(final.name + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
             os.replace(marker, self.dir / LATEST)
-            self._prune()
+            self._prune(keep=final)
         _barrier()
         return final
 
-    def _prune(self) -> None:
-        done = sorted(p for p in self.dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in done[: -self.cfg.keep_last]:
+    def _prune(self, keep: Path) -> None:
+        done = [p for p in self.complete() if p.name != keep.name]
+        for old in done[: max(0, len(done) + 1 - self.cfg.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
 
     @staticmethod
     def read_train_state(path: Path) -> dict:
-        """``train_state.json`` of a checkpoint directory."""
-        return json.loads((path / STATE_FILE).read_text())
+        """``train_state.json`` of a checkpoint directory (``CheckpointError`` naming it when unreadable)."""
+        try:
+            return json.loads((Path(path) / STATE_FILE).read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{Path(path) / STATE_FILE}: unreadable ({err})") from err
 
     @staticmethod
     def load(path: Path, sharded_state_fn: Callable[[], dict], restore_rng: bool) -> tuple[dict, dict]:
         """Load shards into the structure ``sharded_state_fn()`` describes; returns (state, train_state)."""
+        install_safe_metadata_reader()
         train_state = CheckpointManager.read_train_state(path)
-        state = dist_checkpointing.load(sharded_state_fn(), str(path))
+        try:
+            state = dist_checkpointing.load(sharded_state_fn(), str(path))
+        except CheckpointError:
+            raise
+        except Exception as err:  # name the checkpoint whatever megatron/torch raise
+            raise CheckpointError(f"{path}: cannot load the checkpoint ({type(err).__name__}: {err})") from err
         rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
         if restore_rng and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))

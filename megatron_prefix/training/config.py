@@ -46,6 +46,7 @@ class DataConfig:
         require(bool(self.path), "data.path", "set it to a directory built by tools/build_dataset.py")
         require(self.layout in ("shared", "unshared"), "data.layout", f"shared or unshared, got {self.layout!r}")
         require(0 <= self.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        require(self.eval_units >= 1, "data.eval_units", f"must be >= 1, got {self.eval_units}")
         self.batch_config().validate(prefix="data")
 
     def batch_config(self) -> BatchConfig:

@@ -4,18 +4,21 @@
 Every optimizer step appends one JSON object to ``<checkpoint.dir>/metrics.jsonl`` with at least
 ``step, loss, accuracy, grad_norm, lr, pairs_per_s``; eval results are logged with ``split: "eval"``.
 On resume, records for steps after the resume point are dropped first, so the file stays one record
-per step.
+per step. That trim writes a new file beside the old one (fsync) and renames it over (``os.replace``):
+a kill at any moment leaves either the old or the trimmed file, never an empty one.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from megatron_prefix.config import require
+from megatron_prefix.faults import fault_point
 
 
 @dataclass
@@ -66,17 +69,27 @@ class MetricsLogger:
                 raise ValueError("logging.wandb_project is set but wandb is not installed") from err
 
     def _truncate_after(self, step: int) -> None:
+        """Drop records after ``step`` (and lines cut by a kill), atomically."""
         if not self.path.is_file():
             return
         keep = []
-        for line in self.path.read_text().splitlines():
+        lines = self.path.read_text().splitlines()
+        for line in lines:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
             if rec.get("step", 0) <= step:
                 keep.append(line)
-        self.path.write_text("".join(k + "\n" for k in keep))
+        if len(keep) == len(lines):
+            return  # nothing to drop: leave the file alone
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as fh:
+            fh.write("".join(k + "\n" for k in keep))
+            fh.flush()
+            os.fsync(fh.fileno())
+        fault_point("metrics_rewrite", step)
+        os.replace(tmp, self.path)
 
     def log(self, record: dict) -> None:
         """Append one record (a dict with ``step``)."""

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_prefix.data.dataset import PreferenceDataset
+from megatron_prefix.faults import fault_point
 from megatron_prefix.model.batch import MicroBatch
 
 CHUNK_ROWS = 32  # rows per DP rank between progress saves
@@ -114,8 +115,12 @@ def precompute(
     compute: Callable[[list], list[tuple[MicroBatch, torch.Tensor]]],
     is_writer_source: bool,
     log: Callable[[str], None],
-) -> None:
-    """Fill the cache (collective over all ranks).
+    stop: Callable[[], bool] | None = None,
+) -> bool:
+    """Fill the cache (collective over all ranks); True when complete, False when ``stop()`` said so.
+
+    ``stop()`` (the same answer on every rank: a preemption notice) is asked after each chunk is saved;
+    when it says True the progress is on disk, a line says so, and a rerun resumes from there.
 
     ``rows_for(unit_ids)`` packs this DP rank's share of ``unit_ids`` into rows (equal counts on every
     rank); ``compute(rows)`` runs the forward-only pass and returns (micro-batch, values [R]) pairs on
@@ -128,12 +133,13 @@ def precompute(
     logps, done = cache.load_progress()
     pending = np.nonzero(~done)[0]
     if len(pending) == 0:
-        return
+        return True
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     log(f"reference: computing log-probs of {len(pending)} units into {cache.root}")
     dp_size = _dp_world()
     step = CHUNK_ROWS * dp_size * 8  # units per chunk, all ranks together (rough: several units per row)
-    for start in range(0, len(pending), step):
+    step = int(os.environ.get("MEGATRON_PREFIX_REFERENCE_CHUNK_UNITS", step))  # test hook: small chunks
+    for number, start in enumerate(range(0, len(pending), step), 1):
         chunk = pending[start : start + step].tolist()
         results = compute(rows_for(chunk)) if chunk else []
         local = []
@@ -142,6 +148,7 @@ def precompute(
                 pos = response_positions(mb).numpy()
                 offsets = np.asarray(cache.dataset.store.resp_offsets)[mb.resp_unit.cpu().numpy()]
                 local.append((offsets + pos, values.double().numpy(), np.unique(mb.resp_unit.cpu().numpy())))
+        fault_point("precompute", number)
         gathered = [local]
         if dist.is_initialized() and dist.get_world_size() > 1:
             gathered = [None] * dist.get_world_size()
@@ -154,8 +161,14 @@ def precompute(
             cache.save_progress(logps, done)
         if dist.is_initialized():
             dist.barrier()
+        if stop is not None and start + step < len(pending) and stop():
+            left = len(pending) - min(start + step, len(pending))
+            log(f"reference: preempted: progress saved in {cache.root} ({left} of {len(done)} units left); "
+                "rerun the same command to resume the precompute")
+            return False
     if rank0 and not done.all():
         raise RuntimeError(f"reference: {int((~done).sum())} units were not computed; rerun to resume")
+    return True
 
 
 def _dp_world() -> int:

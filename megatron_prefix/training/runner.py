@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict, replace
@@ -31,7 +30,7 @@ from megatron_prefix.model.config import ModelConfig
 from megatron_prefix.parallel import init_parallel, seed_everything
 from megatron_prefix.planning.search import check_fit
 from megatron_prefix.training import flops
-from megatron_prefix.training.checkpoint import CheckpointManager, resolve
+from megatron_prefix.training.checkpoint import CheckpointError, CheckpointManager, resolve
 from megatron_prefix.training.config import TrainConfig
 from megatron_prefix.training.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR
 from megatron_prefix.training.loader import StepLoader, eval_rows
@@ -39,25 +38,13 @@ from megatron_prefix.training.metrics import MetricsLogger, console_line
 from megatron_prefix.training.reference import (
     ReferenceCache, checkpoint_fingerprint, dataset_digest, key_digest, precompute,
 )
+from megatron_prefix.training.resume import check_model, start_points
 from megatron_prefix.training.setup import build_stage, build_trainable, load_state, sharded_state
+from megatron_prefix.training.signals import PreemptedExit, _agree, _Preempted
 from megatron_prefix.training.step import (
     StepContext, attach_plans, logprob_collector, loss_func, make_microbatches, reduce_report, response_positions,
     run_schedule,
 )
-
-
-class _Preempted:
-    """Set by SIGTERM / SIGUSR1; checked (and agreed on by all ranks) after every step."""
-
-    flag = False
-
-    @classmethod
-    def install(cls) -> None:
-        def handler(signum, frame):  # noqa: ARG001
-            cls.flag = True
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
 
 
 def parse_config(argv: list[str], task: str) -> TrainConfig:
@@ -75,11 +62,13 @@ def parse_config(argv: list[str], task: str) -> TrainConfig:
     if data.setdefault("task", task) != task:
         raise ValueError(f"task: the recipe says {data['task']!r} but this launcher trains {task!r}")
     hf = (data.get("model") or {}).pop("hf_config", None)
+    explicit = set(data.get("model") or {})
     errors: list[str] = []
     cfg = from_dict(TrainConfig, data, errors=errors)  # wrong types are reported, the field keeps its default
     if hf:
         cfg.model = ModelConfig.from_hf_config(hf)
     cfg.model_source = hf  # not a dataclass field: where the architecture came from (None: the recipe)
+    cfg.model_keys = None if hf else explicit  # not a field: the model keys the recipe set (None: all)
     if not errors:  # the planner refuses a layout that cannot fit (GPU memory, else cluster.gpu_mem_gb)
         gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
         check_fit(cfg, cfg.model, int(os.environ.get("WORLD_SIZE", "1")), gpu_gib)
@@ -105,15 +94,6 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def _agree(flag: bool, device: torch.device) -> bool:
-    """True on every rank when any rank says True."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 class Run:
     """One training run; ``main`` drives it."""
 
@@ -127,7 +107,9 @@ class Run:
         self.info = init_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.train.seed)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         self.dataset = PreferenceDataset(cfg.data.path, cfg.data.layout)
-        self.ckpt = CheckpointManager(cfg.checkpoint)
+        _Preempted.install()  # from here on a preemption notice is honoured (precompute included)
+        self.ckpt = CheckpointManager(cfg.checkpoint, log=_log)
+        self.resume_path, self.load_path = start_points(self.ckpt, cfg.checkpoint.load, _log)
         self._fix_vocab()
         self.train_ids, self.eval_ids = self.dataset.split_ids(cfg.data.eval_fraction, cfg.data.seed)
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -159,8 +141,13 @@ class Run:
         data_vocab = int(self.dataset.tokenizer_info["vocab_size"])
         fixed = self.cfg.checkpoint.load and resolve(self.cfg.checkpoint.load)
         model_cfg = self.cfg.model
-        if fixed:
+        if self.resume_path is not None:
+            check_model(CheckpointManager.read_train_state(self.resume_path).get("model"), model_cfg,
+                        f"checkpoint {self.resume_path} (checkpoint.dir, resumed)", resume=True, only=None)
+        elif fixed:
             saved = CheckpointManager.read_train_state(fixed).get("model")
+            check_model(saved, model_cfg, f"checkpoint {fixed} (checkpoint.load)", resume=False,
+                        only=getattr(self.cfg, "model_keys", None))
             if saved:
                 model_cfg = ModelConfig(**{**asdict(model_cfg), **_model_fields(saved)})
         if fixed or self._from_hf():
@@ -173,6 +160,7 @@ class Run:
         else:
             model_cfg = replace(model_cfg, vocab_size=data_vocab)
         self.model_cfg = model_cfg
+        self.cfg.model = model_cfg  # train_state.json's config records the architecture actually built
 
     def _from_hf(self) -> bool:
         return bool(getattr(self.cfg, "model_source", None))
@@ -190,13 +178,10 @@ class Run:
         }
 
     def _resume_or_load(self) -> int:
-        latest = self.ckpt.latest()
-        if latest is not None:
-            return self._load(latest, with_optimizer=True, resume=True)
-        if self.cfg.checkpoint.load:
-            path = resolve(self.cfg.checkpoint.load)
-            if path is None:
-                raise ValueError(f"checkpoint.load: {self.cfg.checkpoint.load} holds no checkpoint")
+        if self.resume_path is not None:
+            return self._load(self.resume_path, with_optimizer=True, resume=True)
+        if self.load_path is not None:
+            path = self.load_path
             has_opt = CheckpointManager.read_train_state(path).get("has_optimizer", False)
             self._load(path, with_optimizer=has_opt and self.cfg.checkpoint.load_optimizer, resume=False)
         return 0
@@ -261,13 +246,16 @@ class Run:
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         writer = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
             and ps.get_context_parallel_rank() == 0
-        precompute(
+        finished = precompute(
             self.ref_cache,
             lambda ids: eval_rows(self.dataset, ids, self.cfg.data.pack_tokens, dp_rank, dp_size),
             partial(self._forward_values, [self.t.model]),
             writer,
             _log,
+            stop=lambda: _agree(_Preempted.flag, self.device),
         )
+        if not finished:
+            raise PreemptedExit()
 
     # ---------------------------------------------------------------- steps
 
@@ -346,8 +334,11 @@ class Run:
 
     def run(self) -> int:
         cfg = self.cfg
-        _Preempted.install()
         step = self.start_step
+        if step >= cfg.train.max_steps:
+            _log(f"nothing to do: {self.resume_path} is at step {step}, train.max_steps is {cfg.train.max_steps}")
+            self.metrics.close()
+            return EXIT_OK
         _log(f"training {cfg.task} ({cfg.loss.type}, layout {cfg.data.layout}) from step {step} to "
              f"{cfg.train.max_steps}; {self.loader.steps_per_epoch} steps per epoch; world {self.info}")
         while step < cfg.train.max_steps:
@@ -413,6 +404,13 @@ def main(argv: list[str], task: str) -> int:
         run = Run(cfg)
     except _PrintedConfig:
         return EXIT_OK
+    except PreemptedExit:
+        if dist.is_initialized():
+            dist.barrier()
+        return EXIT_PREEMPTED
+    except CheckpointError as err:
+        print(f"train_{task}: checkpoint error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except ValueError as err:
         if not dist.is_initialized() or dist.get_rank() == 0:
             lines = str(err).splitlines() or [repr(err)]
@@ -422,4 +420,5 @@ def main(argv: list[str], task: str) -> int:
     code = run.run()
     if dist.is_initialized():
         dist.barrier()
+    run.ckpt.close()  # release checkpoint.dir/.lock (also done at exit)
     return code
