@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,82 @@ def test_two_agents_rendezvous_like_two_nodes(tmp_path, reference):
     assert [a.returncode for a in agents] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert re.search(r"world_size=2", "".join(outs))
     same_losses(th.metrics(tmp_path / "run"), ref)
+
+
+# ------------------------------------------------------------------------------------------- real SLURM
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A private SLURM on localhost: two slurmd (n1, n2) when this build runs them, else one."""
+    from tests.slurm_helpers import LocalSlurm, ensure_slurm
+
+    reason = ensure_slurm()
+    if reason:
+        pytest.skip(reason)
+    errors = []
+    for nodes in (2, 1):
+        cluster = LocalSlurm(tmp_path_factory.mktemp(f"slurm{nodes}"), nodes=nodes)
+        try:
+            cluster.start()
+        except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+            cluster.stop()
+            errors.append(f"{nodes} node(s): {str(err)[-1500:]}")
+            continue
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+        return
+    pytest.skip("SLURM daemons did not start: " + " | ".join(errors))
+
+
+def job_field(slurm, job: str, field: str) -> str:
+    out = slurm.run(["scontrol", "show", "job", "-o", job], check=False).stdout
+    m = re.search(rf"\b{field}=(\S+)", out)
+    return m.group(1) if m else ""
+
+
+def wait_job(slurm, job: str, states: set[str], timeout: float) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = job_field(slurm, job, "JobState")
+        if state in states:
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} not in {states} after {timeout}s (state {state!r})\n{slurm.logs()}")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_real_slurm_preempt_requeue_resume(tmp_path, slurm, reference):
+    """sbatch train_dpo.sbatch (2 nodes x 1 process, or 1 node x 2), USR1 to the batch shell mid-run:
+    the run saves, exits 75, the script requeues the job, it resumes and ends with the reference losses."""
+    recipe, ref = reference
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    nodes = slurm.nodes
+    env = {"NPROC_PER_NODE": str(2 // nodes), "LOG_DIR": str(logs), "MEGATRON_PREFIX_ROOT": str(ROOT),
+           "MASTER_PORT": str(th.free_port()), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": str(ROOT), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    export = "ALL," + ",".join(f"{k}={v}" for k, v in env.items())
+    out = slurm.run(["sbatch", "--parsable", f"--nodes={nodes}", f"--export={export}", "--chdir", str(ROOT),
+                     f"--output={tmp_path}/job-%j.out", str(SBATCH["dpo"]), "--config", str(recipe),
+                     f"checkpoint.dir={run}"], check=False)
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.strip().split(";")[0]
+    wait_job(slurm, job, {"RUNNING"}, 60)
+    deadline = time.time() + 120
+    while not any(r.get("step", 0) >= 2 for r in th.metrics(run)):
+        assert time.time() < deadline and job_field(slurm, job, "JobState") == "RUNNING", (
+            (tmp_path / f"job-{job}.out").read_text(errors="replace")[-4000:])
+        time.sleep(0.2)
+    slurm.run(["scancel", "--signal=USR1", "--batch", job])
+    state = wait_job(slurm, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, 240)
+    batch_log = (tmp_path / f"job-{job}.out").read_text(errors="replace")
+    assert state == "COMPLETED", batch_log[-6000:]
+    assert job_field(slurm, job, "Restarts") == "1", batch_log[-3000:]
+    assert "preempted: the training saved its state" in batch_log and f"scontrol requeue {job}" in batch_log
+    assert list((logs / f"mp-dpo-{job}" / "attempt-0" / "preempted").glob("rank*")), "no preemption marker"
+    assert "resumed from" in batch_log or "resumed from" in "".join(
+        p.read_text(errors="replace") for p in (logs / f"mp-dpo-{job}" / "attempt-1").glob("node-*.log"))
+    same_losses(th.metrics(run), ref)

@@ -10,10 +10,12 @@
 # workers are launch/slurm/worker.py TASK. --dry-run prints the srun step and every node's torchrun
 # command, then exits 0 without launching anything.
 #
-# Preemption: SIGUSR1 (sbatch --signal=B:USR1@300) or SIGTERM reaching the batch shell is forwarded to the
-# srun step (srun forwards it to the node scripts); a node script relays it to its torchrun's workers
-# (torchrun's agent itself dies on USR1 and kills workers 30 s after a TERM), the training loop saves and
-# the workers exit 75, each leaving a marker file; the batch shell then runs `scontrol requeue`.
+# Preemption: SIGUSR1 (sbatch --signal=B:USR1@300) or SIGTERM reaching the batch shell is forwarded as USR1
+# to the srun step, which delivers it to every process of the step: the workers (a node script also
+# relays it to its torchrun's workers) and torchrun's agent, which runs with USR1 ignored (it has no
+# handler and would die; on TERM it kills its workers 30 s later, so long saves need the USR1 path).
+# The training loop saves, the workers exit 75 leaving marker files, and the batch shell runs
+# `scontrol requeue` once the step has ended.
 #
 # Exit codes of this script (batch mode):
 #   0   training finished (or --dry-run)
@@ -22,7 +24,7 @@
 #   *   otherwise the srun step's exit code (torchrun exits 1 when any worker failed)
 #
 # Environment (all optional): NPROC_PER_NODE, MASTER_PORT (rendezvous port; default 20000 + job id mod
-# 20000), RDZV_HOST (default: first host of the node list), LOG_DIR (default $ROOT/logs/slurm), TORCHRUN
+# 20000), RDZV_HOST (default: the first node of the job, or its NodeAddr when the name does not resolve), LOG_DIR (default $ROOT/logs/slurm), TORCHRUN
 # (default torchrun), REQUEUE (default 1), CONTAINER_IMAGE / CONTAINER_MOUNTS / CONTAINER_ROOT (pyxis),
 # MEGATRON_PREFIX_ROOT (the checkout; default: this script's repository, else $SLURM_SUBMIT_DIR),
 # EXTRA_SRUN_ARGS, EXTRA_TORCHRUN_ARGS. NCCL_* and the rest of the environment pass through to the workers.
@@ -90,6 +92,21 @@ job_hosts() {
     expand_nodelist "$list"
 }
 
+# a host name other nodes can reach: the node name if it resolves, else its NodeAddr from scontrol
+node_addr() {
+    local addr
+    if command -v getent > /dev/null 2>&1 && getent hosts "$1" > /dev/null 2>&1; then
+        echo "$1"
+        return
+    fi
+    if command -v scontrol > /dev/null 2>&1 && [[ -z ${LAUNCH_NO_SCONTROL:-} ]]; then
+        addr=$(scontrol show node "$1" 2> /dev/null | grep -o 'NodeAddr=[^ ]*' | head -1)
+        addr=${addr#NodeAddr=}
+        [[ -n $addr ]] && { echo "$addr"; return; }
+    fi
+    echo "$1"
+}
+
 # processes per node: NPROC_PER_NODE, SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE ("8" or "h100:8"), nvidia-smi, 1
 procs_per_node() {
     local n=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
@@ -114,7 +131,7 @@ resolve_layout() {
     NPROC=$(procs_per_node)
     JOB_ID=${SLURM_JOB_ID:-0}
     RESTART=${SLURM_RESTART_COUNT:-0}
-    RDZV_HOST=${RDZV_HOST:-${HOSTS[0]}}
+    RDZV_HOST=${RDZV_HOST:-$(node_addr "${HOSTS[0]}")}
     MASTER_PORT=${MASTER_PORT:-$((20000 + JOB_ID % 20000))}
     RUN_LOG_DIR=${LOG_DIR:-$ROOT/logs/slurm}/${SLURM_JOB_NAME:-job}-$JOB_ID/attempt-$RESTART
     if [[ -n ${CONTAINER_IMAGE:-} ]]; then
@@ -153,7 +170,7 @@ build_srun_cmd() {
     [[ -n ${EXTRA_SRUN_ARGS:-} ]] && read -ra extra <<< "$EXTRA_SRUN_ARGS"
     SRUN_CMD=(
         srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0
-        --output="$RUN_LOG_DIR/node-%N.log"
+        --output="$RUN_LOG_DIR/node-%n.log"
         "${container[@]}" "${extra[@]}"
         bash "$NODE_ROOT/launch/slurm/launch.sh" --node "$TASK" "${TRAIN_ARGS[@]}"
     )
@@ -207,7 +224,10 @@ node_main() {
     export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
     mkdir -p "$RUN_LOG_DIR/ranks"
     echo "launch.sh[node $(hostname)]: $(print_cmd "${TORCHRUN_CMD[@]}")" >&2
-    "${TORCHRUN_CMD[@]}" &
+    # SLURM delivers a step's signals to every process of the step, torchrun's agent included, and the
+    # agent has no USR1 handler (it would die and orphan its workers): it runs with USR1 ignored (the
+    # workers install their own handler first thing, launch/slurm/worker.py)
+    (trap '' USR1; exec "${TORCHRUN_CMD[@]}") &
     TORCHRUN_PID=$!
     trap 'relay_to_workers USR1' USR1
     trap 'relay_to_workers TERM' TERM
@@ -216,10 +236,10 @@ node_main() {
 
 # ---------------------------------------------------------------------------------------- batch mode
 
+# USR1 whatever arrived: srun forwards it to the node scripts (a TERM could end the step instead)
 forward_to_step() {
-    local sig=$1
-    echo "launch.sh: SIG$sig at $(date -u +%FT%TZ): forwarding to the training step (save and exit)" >&2
-    [[ -n ${SRUN_PID:-} ]] && kill -s "$sig" "$SRUN_PID" 2> /dev/null
+    echo "launch.sh: SIG$1 at $(date -u +%FT%TZ): asking the training step to save and exit (USR1)" >&2
+    [[ -n ${SRUN_PID:-} ]] && kill -s USR1 "$SRUN_PID" 2> /dev/null
 }
 
 batch_main() {

@@ -18,6 +18,18 @@ import sys
 import warnings
 from pathlib import Path
 
+_EARLY = {"signal": False}
+
+
+def _early_signal(signum, frame):  # before the training loop's handlers: remember, do not die
+    _EARLY["signal"] = True
+    if "megatron_prefix.training.runner" in sys.modules:
+        sys.modules["megatron_prefix.training.runner"]._Preempted.flag = True
+
+
+for _sig in (signal.SIGTERM, signal.SIGUSR1):  # first thing: the imports below take seconds
+    signal.signal(_sig, _early_signal)
+
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*(not installed|Falling back).*")
 warnings.filterwarnings("ignore", message=r".*cuda_graph_scope.*")
 
@@ -29,17 +41,12 @@ from megatron_prefix.training.exit_codes import EXIT_PREEMPTED, EXIT_USER_ERROR
 TASKS = ("dpo", "rm")
 
 
-def _early_signal(signum, frame):
-    runner._Preempted.flag = True
-
-
 def main(argv: list[str]) -> int:
     """Run the task; drop the preemption marker on ``EXIT_PREEMPTED``; return the exit code."""
     if not argv or argv[0] not in TASKS:
         print(f"usage: worker.py {{{'|'.join(TASKS)}}} --config FILE [a.b=c ...]", file=sys.stderr)
         return EXIT_USER_ERROR
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, _early_signal)
+    runner._Preempted.flag = runner._Preempted.flag or _EARLY["signal"]
     rc = runner.main(argv[1:], task=argv[0])
     marker_dir = os.environ.get("MP_PREEMPT_DIR")
     if rc == EXIT_PREEMPTED and marker_dir:
