@@ -112,7 +112,7 @@ def reference(tmp_path_factory, data):
     return recipe, th.metrics(run / "ckpt")
 
 
-STEPS = 8
+STEPS = 6
 
 
 def same_losses(got: list[dict], ref: list[dict]) -> None:

@@ -201,6 +201,7 @@ children_of() {
 relay_to_workers() {
     local sig=$1 pid
     echo "launch.sh[node $(hostname)]: SIG$sig: relaying to the workers of torchrun $TORCHRUN_PID" >&2
+    [[ -n $TORCHRUN_PID ]] || return 0  # not started yet: the workers will see SLURM's own delivery
     for pid in $(children_of "$TORCHRUN_PID"); do
         kill -s "$sig" "$pid" 2> /dev/null
     done
@@ -227,10 +228,11 @@ node_main() {
     # SLURM delivers a step's signals to every process of the step, torchrun's agent included, and the
     # agent has no USR1 handler (it would die and orphan its workers): it runs with USR1 ignored (the
     # workers install their own handler first thing, launch/slurm/worker.py)
-    (trap '' USR1; exec "${TORCHRUN_CMD[@]}") &
-    TORCHRUN_PID=$!
+    TORCHRUN_PID=""
     trap 'relay_to_workers USR1' USR1
     trap 'relay_to_workers TERM' TERM
+    (trap '' USR1; exec "${TORCHRUN_CMD[@]}") &
+    TORCHRUN_PID=$!
     wait_for "$TORCHRUN_PID"
 }
 
@@ -239,7 +241,11 @@ node_main() {
 # USR1 whatever arrived: srun forwards it to the node scripts (a TERM could end the step instead)
 forward_to_step() {
     echo "launch.sh: SIG$1 at $(date -u +%FT%TZ): asking the training step to save and exit (USR1)" >&2
-    [[ -n ${SRUN_PID:-} ]] && kill -s USR1 "$SRUN_PID" 2> /dev/null
+    if [[ -z ${SRUN_PID:-} ]]; then
+        PENDING_SIGNAL=$1
+        return
+    fi
+    kill -s USR1 "$SRUN_PID" 2> /dev/null
 }
 
 batch_main() {
@@ -263,10 +269,16 @@ batch_main() {
     echo "launch.sh: job $JOB_ID restart $RESTART: $NNODES nodes x $NPROC, rendezvous $RDZV_HOST:$MASTER_PORT," \
          "logs $RUN_LOG_DIR" >&2
     echo "launch.sh: $(print_cmd "${SRUN_CMD[@]}")" >&2
-    "${SRUN_CMD[@]}" &
-    SRUN_PID=$!
+    SRUN_PID=""
+    PENDING_SIGNAL=""
     trap 'forward_to_step USR1' USR1
     trap 'forward_to_step TERM' TERM
+    "${SRUN_CMD[@]}" &
+    SRUN_PID=$!
+    if [[ -n $PENDING_SIGNAL ]]; then  # arrived before the step existed
+        sleep 5
+        forward_to_step "$PENDING_SIGNAL"
+    fi
     wait_for "$SRUN_PID"
     local rc=$?
     trap - USR1 TERM
