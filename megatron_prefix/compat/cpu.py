@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from megatron_prefix.compat.pins import CompatError, require, require_module
+from megatron_prefix.compat.sp_collectives import patch_sp_collectives
 from megatron_prefix.compat.torch_proxy import TORCH_ON_CPU
 
 MARK = "__megatron_prefix_compat__"
@@ -70,6 +71,10 @@ PROXIED: dict[str, tuple[tuple[str, ...], str]] = {
     "megatron.core.tensor_parallel.mappings": (
         ("_gather_along_first_dim", "_gather_along_last_dim", "_reduce_scatter_along_first_dim"),
         "gather/scatter outputs allocated on torch.cuda.current_device()",
+    ),
+    "megatron.core.tensor_parallel.layers": (
+        ("LinearWithGradAccumulationAndAsyncCommunication.backward",),
+        "sequence parallelism: the backward's reduce-scatter output on torch.cuda.current_device()",
     ),
     "megatron.core.dist_checkpointing.strategies.filesystem_async": (
         ("FileSystemWriterAsync.preload_tensors",),
@@ -265,3 +270,4 @@ def apply_cpu_accommodations() -> None:
     patch_rng_state()
     patch_type_checks()
     patch_tied_embedding_sync()
+    patch_sp_collectives()

@@ -28,10 +28,17 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 
 from megatron_prefix.attention.core_attention import AttentionConfig, SharedPrefixCoreAttention
 from megatron_prefix.model.config import ModelConfig
 from megatron_prefix.model.gpt import SharedPrefixGPTModel
+from megatron_prefix.model.norm import TorchNorm
 from megatron_prefix.model.rope import PositionRotary
 
 IMPLS = ("auto", "local", "te")
@@ -70,13 +77,45 @@ def stock_layer_spec(impl: str = "auto") -> ModuleSpec:
 
 
 def layer_spec(attention: AttentionConfig | str | dict | None = "dense", impl: str = "auto") -> ModuleSpec:
-    """The stock layer spec with ``SharedPrefixCoreAttention`` (backend ``attention``) as core attention."""
+    """The stock layer spec with ``SharedPrefixCoreAttention`` (backend ``attention``) as core attention.
+
+    With the local spec, megatron's torch norms are replaced by ``TorchNorm`` (same modules and keys,
+    but allows sequence parallelism; see ``megatron_prefix.model.norm``).
+    """
     attn_cfg = AttentionConfig.coerce(attention)
     spec = copy.deepcopy(stock_layer_spec(impl))
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=SharedPrefixCoreAttention, params={"attention_config": attn_cfg}
     )
+    if resolve_impl(impl) == "local":
+        _use_torch_norm(spec)
     return spec
+
+
+def _use_torch_norm(spec: ModuleSpec) -> None:
+    """Sequence parallelism, local spec: every ``WrappedTorchNorm`` of the layer spec -> ``TorchNorm``."""
+    layer, attn = spec.submodules, spec.submodules.self_attention.submodules
+    for owner, name in ((layer, "input_layernorm"), (layer, "pre_mlp_layernorm"),
+                        (attn, "q_layernorm"), (attn, "k_layernorm")):
+        if getattr(owner, name, None) is WrappedTorchNorm:
+            setattr(owner, name, TorchNorm)
+
+
+def block_spec(config: Any, layer: ModuleSpec, impl: str, vp_stage: int | None = None) -> ModuleSpec:
+    """Local spec: the decoder block with ``TorchNorm`` as final norm (sequence parallelism).
+
+    megatron builds the final norm of a block given a *layer* spec from a module global (``WrappedTorchNorm``
+    without TE/apex, which refuses sequence parallelism); a ``TransformerBlockSubmodules`` names it.
+    Other impls keep the layer spec (TE's norms handle sequence parallelism).
+    """
+    if resolve_impl(impl) != "local":
+        return layer
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(
+            layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=TorchNorm
+        ),
+    )
 
 
 def _stage_flags(pre_process: bool | None, post_process: bool | None, vp_stage: int | None) -> tuple[bool, bool]:
@@ -121,16 +160,11 @@ def build_model(
     """
     config = transformer_config or transformer_config_for(model_cfg, dtype, sequence_parallel, **config_overrides)
     impl = resolve_impl(impl)
-    if config.sequence_parallel and impl == "local":
-        raise ValueError(
-            "parallel.sequence_parallel: needs the Transformer Engine layer spec (CUDA + transformer_engine); "
-            "megatron's local spec (torch norms) does not support it"
-        )
     pre_process, post_process = _stage_flags(pre_process, post_process, vp_stage)
     rotary = PositionRotary(config.kv_channels, model_cfg.rope_theta, model_cfg.rope_scaling)
     return SharedPrefixGPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(attention_backend, impl),
+        transformer_layer_spec=block_spec(config, layer_spec(attention_backend, impl), impl, vp_stage),
         vocab_size=model_cfg.vocab_size,
         max_sequence_length=model_cfg.max_position_embeddings,
         rotary=rotary,

@@ -273,7 +273,8 @@ class Run:
         return list(zip(mbs, store)) if store else []
 
     def _seq_len(self) -> int:
-        return self.cfg.data.pack_tokens // self.cfg.parallel.cp
+        # the full row: megatron's get_tensor_shapes divides by cp (and by tp with sequence parallelism)
+        return self.cfg.data.pack_tokens
 
     def _attach_reference(self, mbs: list) -> None:
         if self.ref_cache is not None:
