@@ -69,7 +69,7 @@ def real(tmp_path_factory):
 
 def test_verify_sharing_real_checkpoint(real, capsys):
     """PASS on the converted checkpoint with real data; both negative controls FAIL."""
-    hf, run, data, _ = real
+    _, run, data, _ = real
     tool = _tool("verify_sharing")
     assert tool.main(["--model", str(run), "--data", str(data), "--units", "3"]) == 0
     out = capsys.readouterr().out
@@ -110,7 +110,7 @@ def test_verify_sharing_tolerances(real, capsys):
 def test_score_equals_alone_logps(real, tmp_path):
     """``score.py`` on the converted checkpoint: every unit, the log-probs of each response run alone through
     the HF model (transformers' forward, an independent path) within 1e-5 relative."""
-    hf, run, data, model = real
+    _, run, data, model = real
     from megatron_prefix.data.dataset import PreferenceDataset
 
     out = tmp_path / "scores.jsonl"
@@ -127,3 +127,14 @@ def test_score_equals_alone_logps(real, tmp_path):
                 logp = torch.log_softmax(model(seq).logits[0].double(), -1)
             want = float(logp[unit.prompt_len - 1 : -1].gather(1, seq[0, unit.prompt_len:, None]).sum())
             assert abs(got - want) <= 1e-5 * abs(want) + 1e-4, (rec["unit"], i, got, want)
+
+
+def test_score_refuses_bad_input(real, tmp_path, capsys):
+    """A folder that is no checkpoint, and a folder that is no dataset: exit 2 naming the flag."""
+    _, run, data, _ = real
+    tool = _tool("score")
+    assert tool.main(["--ckpt", str(tmp_path), "--data", str(data), "--out", str(tmp_path / "s.jsonl")]) == 2
+    assert "--ckpt:" in capsys.readouterr().err
+    assert tool.main(["--ckpt", str(run), "--data", str(tmp_path), "--out", str(tmp_path / "s.jsonl")]) == 2
+    assert "--data:" in capsys.readouterr().err
+    assert not (tmp_path / "s.jsonl").exists()
