@@ -138,3 +138,28 @@ def test_score_refuses_bad_input(real, tmp_path, capsys):
     assert tool.main(["--ckpt", str(run), "--data", str(tmp_path), "--out", str(tmp_path / "s.jsonl")]) == 2
     assert "--data:" in capsys.readouterr().err
     assert not (tmp_path / "s.jsonl").exists()
+
+
+def test_export_writes_tokenizer_ids(real, tmp_path):
+    """``convert_mcore_to_hf``: bos/eos/pad ids of ``--tokenizer`` in config.json; ``--hf-config`` accepts a
+    folder and wins for the keys it sets."""
+    from megatron_prefix.convert import convert_mcore_to_hf
+    from megatron_prefix.data.tokenizers import load_tokenizer
+    from tests.tokenizer_fixtures import cached_hf_llama3
+
+    hf, run, _, _ = real
+    tok_dir = cached_hf_llama3()
+    tok = load_tokenizer(str(tok_dir))
+    assert tok.bos_id is not None and len({tok.bos_id, tok.eos_id, tok.pad_id}) == 3
+    cfg = json.loads((convert_mcore_to_hf(run, tmp_path / "a", tokenizer=tok_dir, progress=False)
+                      / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert (tmp_path / "a" / "tokenizer.json").is_file()
+    # --hf-config as a folder: its ids (eos 256, pad 257, no bos key) first, the tokenizer's for the rest
+    cfg = json.loads((convert_mcore_to_hf(run, tmp_path / "b", tokenizer=tok_dir, hf_config=hf, progress=False)
+                      / "config.json").read_text())
+    hf_cfg = json.loads((hf / "config.json").read_text())
+    assert cfg["eos_token_id"] == hf_cfg["eos_token_id"] == 256 and cfg["pad_token_id"] == 257
+    assert cfg["bos_token_id"] == hf_cfg.get("bos_token_id", tok.bos_id)
+    with pytest.raises(ValueError, match="--hf-config"):
+        convert_mcore_to_hf(run, tmp_path / "c", hf_config=tmp_path, progress=False)
