@@ -150,23 +150,31 @@ class Run:
     # ---------------------------------------------------------------- setup helpers
 
     def _fix_vocab(self) -> None:
-        """The dataset's tokenizer decides the vocabulary unless an HF config or checkpoint fixes it."""
+        """The dataset's tokenizer decides the vocabulary unless an HF config or checkpoint fixes it; the
+        dataset's token ids must fit it, at start and on resume (``training.vocab``)."""
+        from megatron_prefix.training.vocab import check_token_ids, tokenizer_mismatch
+
         data_vocab = int(self.dataset.tokenizer_info["vocab_size"])
-        fixed = self.cfg.checkpoint.load and resolve(self.cfg.checkpoint.load)
+        # a resume reads the run's own latest checkpoint, a fresh start `checkpoint.load`
+        fixed = self.ckpt.latest() or (self.cfg.checkpoint.load and resolve(self.cfg.checkpoint.load))
         model_cfg = self.cfg.model
-        if fixed:
-            saved = CheckpointManager.read_train_state(fixed).get("model")
-            if saved:
-                model_cfg = ModelConfig(**{**asdict(model_cfg), **_model_fields(saved)})
+        state = CheckpointManager.read_train_state(fixed) if fixed else {}
+        if state.get("model"):
+            model_cfg = ModelConfig(**{**asdict(model_cfg), **_model_fields(state["model"])})
         if fixed or self._from_hf():
             if data_vocab > model_cfg.vocab_size:
                 raise ValueError(
-                    f"model.vocab_size: the dataset's tokenizer has {data_vocab} ids but the model "
-                    f"({self.cfg.checkpoint.load or 'hf_config'}) has {model_cfg.vocab_size}; rebuild the "
+                    f"model.vocab_size: the tokenizer of the dataset {self.dataset.path} has {data_vocab} ids but "
+                    f"the model ({fixed or 'hf_config'}) has {model_cfg.vocab_size}; rebuild the "
                     "dataset with the model's tokenizer"
                 )
         else:
             model_cfg = replace(model_cfg, vocab_size=data_vocab)
+        source = f"model.hf_config {self.cfg.model_source}" if self._from_hf() else "the recipe"
+        check_token_ids(self.dataset, model_cfg.vocab_size, f"checkpoint {fixed}" if fixed else source)
+        warning = tokenizer_mismatch(self.dataset, state.get("tokenizer"), str(fixed))
+        if warning:
+            _log(warning)
         self.model_cfg = model_cfg
 
     def _from_hf(self) -> bool:
@@ -179,6 +187,7 @@ class Run:
             "scheduler": self.t.scheduler.state_dict(),
             "model": asdict(self.model_cfg),
             "task": self.cfg.task,
+            "tokenizer": self.dataset.tokenizer_info,  # compared with the dataset's on resume / load
             "config": asdict(self.cfg),
             "world": {"tp": self.info.tp_size, "pp": self.info.pp_size, "cp": self.info.cp_size,
                       "dp": self.info.dp_size},
