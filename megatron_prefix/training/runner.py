@@ -151,16 +151,17 @@ class Run:
 
     def _fix_vocab(self) -> None:
         """The dataset's tokenizer decides the vocabulary unless an HF config or checkpoint fixes it; the
-        dataset's token ids must fit it, at start and on resume (``training.vocab``)."""
+        dataset's token ids must fit the model that will be loaded, at start and on resume
+        (``training.vocab``)."""
         from megatron_prefix.training.vocab import check_token_ids, tokenizer_mismatch
 
         data_vocab = int(self.dataset.tokenizer_info["vocab_size"])
-        # a resume reads the run's own latest checkpoint, a fresh start `checkpoint.load`
-        fixed = self.ckpt.latest() or (self.cfg.checkpoint.load and resolve(self.cfg.checkpoint.load))
+        fixed = self.cfg.checkpoint.load and resolve(self.cfg.checkpoint.load)
         model_cfg = self.cfg.model
-        state = CheckpointManager.read_train_state(fixed) if fixed else {}
-        if state.get("model"):
-            model_cfg = ModelConfig(**{**asdict(model_cfg), **_model_fields(state["model"])})
+        if fixed:
+            saved = CheckpointManager.read_train_state(fixed).get("model")
+            if saved:
+                model_cfg = ModelConfig(**{**asdict(model_cfg), **_model_fields(saved)})
         if fixed or self._from_hf():
             if data_vocab > model_cfg.vocab_size:
                 raise ValueError(
@@ -170,9 +171,14 @@ class Run:
                 )
         else:
             model_cfg = replace(model_cfg, vocab_size=data_vocab)
+        # the checkpoint whose weights this run loads: its own latest (resume), else checkpoint.load
+        loaded = self.ckpt.latest() or fixed
+        state = CheckpointManager.read_train_state(loaded) if loaded else {}
+        vocab = int((state.get("model") or {}).get("vocab_size", model_cfg.vocab_size))
         source = f"model.hf_config {self.cfg.model_source}" if self._from_hf() else "the recipe"
-        check_token_ids(self.dataset, model_cfg.vocab_size, f"checkpoint {fixed}" if fixed else source)
-        warning = tokenizer_mismatch(self.dataset, state.get("tokenizer"), str(fixed))
+        check_token_ids(self.dataset, min(vocab, model_cfg.vocab_size),
+                        f"checkpoint {loaded} (vocab_size {vocab})" if loaded else source)
+        warning = tokenizer_mismatch(self.dataset, state.get("tokenizer"), str(loaded))
         if warning:
             _log(warning)
         self.model_cfg = model_cfg
