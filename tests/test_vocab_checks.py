@@ -71,6 +71,21 @@ def test_checks_name_dataset_and_checkpoint(tmp_path):
     assert warning and "other-tokenizer" in warning and "/runs/x/iter_0000004" in warning and str(ds.path) in warning
 
 
+def test_recorded_tokenizer_falls_back_to_the_dataset(tmp_path):
+    """A checkpoint saved before the tokenizer was recorded: the ids come from its dataset's meta.json."""
+    from megatron_prefix.convert.token_ids import recorded_tokenizer, tokenizer_token_ids
+
+    data = _build(tmp_path)
+    ckpt = tmp_path / "iter_0000003"
+    ckpt.mkdir()
+    (ckpt / "train_state.json").write_text(json.dumps({"step": 3, "config": {"data": {"path": str(data)}}}))
+    assert recorded_tokenizer(ckpt) == PreferenceDataset(data).tokenizer_info
+    ids, where = tokenizer_token_ids(ckpt, None)
+    assert ids == {"eos_token_id": 256, "pad_token_id": 257} and str(ckpt) in where
+    (ckpt / "train_state.json").write_text(json.dumps({"step": 3, "config": {"data": {"path": str(tmp_path / "x")}}}))
+    assert tokenizer_token_ids(ckpt, None) == ({}, None)
+
+
 @pytest.mark.slow
 def test_resume_and_load_refuse_a_wider_dataset(tmp_path):
     """A run trained on the byte dataset (258 ids): resuming it, or starting from it, on a dataset with id 499
@@ -95,3 +110,8 @@ def test_resume_and_load_refuse_a_wider_dataset(tmp_path):
     (other / "meta.json").write_text(json.dumps(meta))
     out = th.train(recipe, [f"data.path={other}", f"checkpoint.load={run}", f"checkpoint.dir={tmp_path / 'c'}"])
     assert "warning: the dataset" in out and str(run / "iter_0000001") in out
+    # the export takes the special ids of the tokenizer recorded at save (byte: EOS 256, PAD 257, no BOS)
+    from megatron_prefix.convert import convert_mcore_to_hf
+
+    cfg = json.loads((convert_mcore_to_hf(run, tmp_path / "hf", progress=False) / "config.json").read_text())
+    assert (cfg["eos_token_id"], cfg["pad_token_id"], "bos_token_id" in cfg) == (256, 257, False)
