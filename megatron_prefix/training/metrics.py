@@ -29,15 +29,21 @@ class LoggingConfig:
     wandb_run: str | None = None  # W&B run name (default: W&B's)
 
     def validate(self) -> None:
-        """Rules, and the packages the chosen loggers need (checked before anything is built)."""
         require(self.interval >= 1, "logging.interval", f"must be >= 1, got {self.interval}")
-        if self.tensorboard:
-            require(_installed("tensorboard"), "logging.tensorboard",
-                    "is true but the tensorboard package is not installed: pip install tensorboard "
-                    "(or set logging.tensorboard=false)")
-        if self.wandb_project:
-            require(_installed("wandb"), "logging.wandb_project",
-                    "is set but the wandb package is not installed: pip install wandb (or leave it unset)")
+
+    def missing_packages(self) -> list[str]:
+        """``logging.<field>: ... pip install X`` for each logger asked for whose package is not installed.
+
+        Checked at the start of a run (``runner.parse_config``), before anything is built; not part of
+        ``validate`` (a recipe is valid on a machine without the package)."""
+        out = []
+        if self.tensorboard and not _installed("tensorboard"):
+            out.append("logging.tensorboard: is true but the tensorboard package is not installed: "
+                       "pip install tensorboard (or set logging.tensorboard=false)")
+        if self.wandb_project and not _installed("wandb"):
+            out.append("logging.wandb_project: is set but the wandb package is not installed: pip install wandb "
+                       "(or leave it unset)")
+        return out
 
 
 def _installed(package: str) -> bool:
@@ -63,7 +69,7 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
-        if cfg.tensorboard:  # LoggingConfig.validate checked that the package is installed
+        if cfg.tensorboard:  # parse_config checked that the package is installed (missing_packages)
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))

@@ -83,6 +83,8 @@ def parse_config(argv: list[str], task: str) -> TrainConfig:
             cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")), cuda=torch.cuda.is_available())
     except ConfigError as err:
         errors += [m for m in err.messages if m.split(":", 1)[0] not in {e.split(":", 1)[0] for e in errors}]
+    if not args.print_config:  # a logger asked for without its package: the install command, before any build
+        errors += cfg.logging.missing_packages()
     if errors:
         raise ConfigError(errors)
     if args.print_config:
