@@ -163,3 +163,14 @@ def test_export_writes_tokenizer_ids(real, tmp_path):
     assert cfg["bos_token_id"] == hf_cfg.get("bos_token_id", tok.bos_id)
     with pytest.raises(ValueError, match="--hf-config"):
         convert_mcore_to_hf(run, tmp_path / "c", hf_config=tmp_path, progress=False)
+
+
+@pytest.mark.slow
+def test_verify_sharing_bf16_defaults(real, capsys):
+    """bfloat16 (CPU): the default tolerances pass the exact computation and still catch a control."""
+    _, run, data, _ = real
+    tool = _tool("verify_sharing")
+    assert tool.main(["--model", str(run), "--data", str(data), "--units", "3", "--dtype", "bfloat16"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert tool.main(["--model", str(run), "--data", str(data), "--units", "3", "--dtype", "bfloat16",
+                      "--control", "positions"]) == 1
