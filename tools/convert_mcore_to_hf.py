@@ -3,13 +3,15 @@
 Hugging Face checkpoint loadable by transformers.
 
     python tools/convert_mcore_to_hf.py --ckpt RUN_OR_CKPT_DIR --out HF_DIR [--tokenizer TOK_DIR]
-        [--dtype bfloat16] [--shard-size 5GB] [--hf-config SRC/config.json] [--reward-bias refuse|drop]
+        [--dtype bfloat16] [--shard-size 5GB] [--hf-config SRC/config.json|SRC_DIR] [--reward-bias refuse|drop]
 
 Writes model-0000X-of-0000N.safetensors, model.safetensors.index.json, config.json (and the tokenizer
 files of --tokenizer). A policy becomes <Family>ForCausalLM, a reward model (task rm)
 <Family>ForSequenceClassification with one label (score.weight); HF's score layer has no bias, so a
 non-zero reward-head bias is refused unless --reward-bias drop (recorded as config.json `reward_bias`).
---hf-config carries bos/eos/pad token ids over from the source model's config.json. Single process.
+config.json gets bos/eos/pad token ids: those --hf-config sets (the source model's config.json or its
+folder), else the tokenizer's (--tokenizer, or the tokenizer recorded with the checkpoint at save, or
+in its training dataset's meta.json). Single process.
 """
 
 from __future__ import annotations
@@ -38,10 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="run directory (with `latest`) or checkpoint directory")
     ap.add_argument("--out", required=True, help="HF folder to create (must be absent or empty)")
-    ap.add_argument("--tokenizer", default=None, help="folder whose tokenizer files are copied")
+    ap.add_argument("--tokenizer", default=None,
+                    help="folder whose tokenizer files are copied; its bos/eos/pad ids go into config.json "
+                         "(default ids: the tokenizer recorded with the checkpoint or its dataset)")
     ap.add_argument("--dtype", choices=DTYPES, default=None, help="written dtype (default: the checkpoint's)")
     ap.add_argument("--shard-size", type=parse_size, default=5 * 10**9, help="max bytes per shard (default 5GB)")
-    ap.add_argument("--hf-config", default=None, help="source config.json to take token ids from")
+    ap.add_argument("--hf-config", default=None,
+                    help="source config.json, or the folder holding it, to take token ids from (first choice)")
     ap.add_argument("--reward-bias", choices=("refuse", "drop"), default="refuse")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Check that prefix sharing is exact for a model: shared rows vs each ``[prompt + response]`` alone.
 
-    python tools/verify_sharing.py --model CONFIG.yaml|HF_DIR [--data BUILT_DATASET_DIR | --synthetic N]
-        [--units N] [--backend dense|flex|varlen] [--tp N] [--tolerance X] [--dtype float32]
-        [--pack-tokens T] [--seed S] [--control none|positions|mask]
+    python tools/verify_sharing.py --model CONFIG.yaml|HF_DIR|CKPT_DIR [--data BUILT_DATASET_DIR | --synthetic N]
+        [--units N] [--backend dense|flex|varlen] [--tp N] [--tolerance X] [--rtol R] [--token-tol T]
+        [--dtype float32] [--pack-tokens T] [--seed S] [--control none|positions|mask]
 
 For every response of the first ``--units`` units it computes the summed log-prob twice:
 
@@ -12,9 +12,17 @@ For every response of the first ``--units`` units it computes the summed log-pro
 - *alone*: megatron's stock ``GPTModel`` (same weights, stock causal attention, stock RoPE over
   ``0..L-1``) on ``prompt + response`` by itself, ``log_softmax`` over the full vocabulary;
 
-and prints the max absolute and relative difference and PASS/FAIL (exit code 1 on FAIL; 2 on a usage
-error). Weights are random (seeded, megatron's init with ``init_method_std``); loading checkpoint weights
-is not wired yet. ``--tp N`` > 1 relaunches itself under ``torchrun`` with N processes. ``--control``
+and prints the max absolute, relative and per-token differences and PASS/FAIL (exit code 1 on FAIL; 2 on
+a usage error). A response agrees when any of these holds: ``|shared - alone| <= --tolerance`` (absolute),
+``<= --rtol * |alone|`` (relative: summed log-probs in the thousands differ by ~1e-3 in fp32 from the
+accumulation order alone), or ``|shared - alone| / tokens <= --token-tol`` (mean per token); each
+defaults by ``--dtype``, and 0 turns a criterion off. PASS when every response agrees.
+
+Weights: ``--model`` a megatron checkpoint (a run dir with ``latest`` or an ``iter_*`` dir, as
+``tools/convert_hf_to_mcore.py`` or training write them) or a Hugging Face folder with ``*.safetensors``
+(converted to a temporary checkpoint with the project's converter) loads those real weights; a model
+config (YAML, ``config.json``, an HF folder without weights) gets random weights (seeded, megatron's init
+with ``init_method_std``; the vocabulary is widened to cover the data). ``--tp N`` > 1 relaunches itself under ``torchrun`` with N processes. ``--control``
 breaks the shared side on purpose (stock positions 0..T-1, or responses seeing each other) to show the
 check detects it (expect FAIL). On CPU the flex/varlen backends run their forward-only reference paths.
 """
@@ -30,17 +38,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.05}
+DEFAULT_RTOL = {"float32": 1e-5, "bfloat16": 2e-4, "float16": 1e-4}
+DEFAULT_TOKEN_TOL = {"float32": 1e-5, "bfloat16": 1e-3, "float16": 5e-4}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="a ModelConfig YAML, a HF config.json, or a HF checkpoint dir")
+    ap.add_argument("--model", required=True,
+                    help="real weights: a megatron checkpoint dir or a HF folder with *.safetensors; "
+                         "random weights: a ModelConfig YAML or a HF config.json")
     ap.add_argument("--data", help="a dataset directory written by tools/build_dataset.py")
     ap.add_argument("--synthetic", type=int, default=0, help="use N random units instead of --data")
     ap.add_argument("--units", type=int, default=16, help="how many units to check (default 16)")
     ap.add_argument("--backend", default="dense", help="attention backend: dense, flex or varlen")
     ap.add_argument("--tp", type=int, default=1, help="tensor parallel size (relaunches under torchrun)")
     ap.add_argument("--tolerance", type=float, default=None, help="max abs log-prob difference for PASS")
+    ap.add_argument("--rtol", type=float, default=None,
+                    help="or max relative difference |shared - alone| / |alone| (default by --dtype; 0: off)")
+    ap.add_argument("--token-tol", type=float, default=None,
+                    help="or max mean abs difference per response token (default by --dtype; 0: off)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DEFAULT_TOLERANCE))
     ap.add_argument("--pack-tokens", type=int, default=0, help="row length (default: fits the longest unit)")
     ap.add_argument("--seed", type=int, default=1234)
@@ -52,6 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--units and --tp must be positive")
     if args.tolerance is None:
         args.tolerance = DEFAULT_TOLERANCE[args.dtype]
+    if args.rtol is None:
+        args.rtol = DEFAULT_RTOL[args.dtype]
+    if args.token_tol is None:
+        args.token_tol = DEFAULT_TOKEN_TOL[args.dtype]
+    if min(args.tolerance, args.rtol, args.token_tol) < 0:
+        ap.error("--tolerance, --rtol and --token-tol must be >= 0")
     return args
 
 
@@ -127,6 +149,19 @@ def shared_logps(model, rows, control: str, tp_group):
     return torch.cat(out)
 
 
+def judge(shared, alone, num_tokens, args) -> tuple[bool, dict]:
+    """PASS when every response agrees by one of the tolerances; also the worst differences."""
+    abs_diff = (shared - alone).abs()
+    rel_diff = abs_diff / alone.abs().clamp(min=1e-6)
+    tok_diff = abs_diff / num_tokens.clamp(min=1).to(abs_diff.dtype)
+    agree = abs_diff <= args.tolerance
+    if args.rtol > 0:
+        agree |= rel_diff <= args.rtol
+    if args.token_tol > 0:
+        agree |= tok_diff <= args.token_tol
+    return bool(agree.all()), {"abs": abs_diff, "rel": rel_diff, "tok": tok_diff, "failing": int((~agree).sum())}
+
+
 def run(args) -> int:
     import torch
     from megatron.core import parallel_state as ps
@@ -136,43 +171,60 @@ def run(args) -> int:
     from megatron_prefix.model.spec import build_model, build_reference_model
     from megatron_prefix.model.unshared import unshared_logps
     from megatron_prefix.parallel import init_parallel
+    from megatron_prefix.training.weights import is_hf_folder, load_weights, open_weights, resolve
 
     info = init_parallel(args.tp, 1, 1, seed=args.seed)
     say = print if info.rank == 0 else (lambda *a, **k: None)
-    cfg = ModelConfig.load(args.model)
+    source = None
+    if Path(args.model).is_dir() and (resolve(args.model) is not None or is_hf_folder(args.model)):
+        source = open_weights(args.model, args.tp, flag="--model")
+        if source.task == "rm":
+            raise ValueError(f"--model: {source.path} is a reward model (scalar head); verify_sharing compares "
+                             "log-probs of a language model")
+        cfg = source.model
+    else:
+        cfg = ModelConfig.load(args.model)
     units, pad_id, data_vocab = load_units(args, cfg.vocab_size)
     if not units:
         say("verify_sharing: no units to check")
         return 2
-    if data_vocab > cfg.vocab_size:  # random weights: widen the vocabulary to cover the data
+    if source is None and data_vocab > cfg.vocab_size:  # random weights: widen the vocabulary to cover the data
         step = 8 * args.tp
         cfg.vocab_size = -(-data_vocab // step) * step
     top = max(int(max(u.tokens().max() for u in units)), pad_id)
     if top >= cfg.vocab_size:
-        say(f"verify_sharing: token id {top} >= model.vocab_size {cfg.vocab_size}")
+        say(f"verify_sharing: token id {top} of {args.data or 'the data'} >= model.vocab_size {cfg.vocab_size} "
+            f"of {args.model}; build the dataset with the model's tokenizer")
         return 2
     pack_tokens = args.pack_tokens or -(-max(u.shared_len for u in units) // 64) * 64
     rows = pack_greedy(units, pack_tokens, pad_id)
 
     attention = AttentionConfig(backend=args.backend, allow_cpu_reference=not torch.cuda.is_available())
     model = build_model(cfg, attention, dtype=args.dtype).eval()
+    if source is not None:
+        load_weights(model, source.path)
+        source.cleanup()
     ref = build_reference_model(cfg, dtype=args.dtype).eval()
     ref.load_state_dict(model.state_dict())
     tp_group = ps.get_tensor_model_parallel_group()
     with torch.no_grad():
-        shared = shared_logps(model, rows, args.control, tp_group).cpu()
-        alone = unshared_logps(ref, units, tp_group).cpu()
-    abs_diff = (shared - alone).abs()
-    rel_diff = abs_diff / alone.abs().clamp(min=1e-6)
-    ok = bool(abs_diff.max() <= args.tolerance)
+        shared = shared_logps(model, rows, args.control, tp_group).cpu().double()
+        alone = unshared_logps(ref, units, tp_group).cpu().double()
+    num_tokens = torch.tensor([len(r) for u in units for r in u.response_ids])
+    ok, d = judge(shared, alone, num_tokens, args)
+    weights = f"weights {source.path}" if source is not None else "random weights"
     say(f"verify_sharing: model={args.model} ({cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-        f"vocab {cfg.vocab_size}) backend={args.backend} tp={args.tp} dtype={args.dtype} control={args.control}")
-    say(f"  {len(units)} units, {len(alone)} responses, {len(rows)} rows x {pack_tokens} tokens")
-    worst = int(abs_diff.argmax())
-    say(f"  max |logp_shared - logp_alone| = {abs_diff.max():.3e} (response {worst}: shared {shared[worst]:.6f}, "
+        f"vocab {cfg.vocab_size}, {weights}) backend={args.backend} tp={args.tp} dtype={args.dtype} "
+        f"control={args.control}")
+    say(f"  {len(units)} units, {len(alone)} responses ({int(num_tokens.sum())} tokens), {len(rows)} rows x "
+        f"{pack_tokens} tokens; |logp_alone| up to {alone.abs().max():.1f}")
+    worst = int(d["abs"].argmax())
+    say(f"  max |logp_shared - logp_alone| = {d['abs'].max():.3e} (response {worst}: shared {shared[worst]:.6f}, "
         f"alone {alone[worst]:.6f})")
-    say(f"  max relative difference        = {rel_diff.max():.3e}")
-    say(f"{'PASS' if ok else 'FAIL'} (tolerance {args.tolerance:g})")
+    say(f"  max relative difference        = {d['rel'].max():.3e}")
+    say(f"  max mean difference per token  = {d['tok'].max():.3e}")
+    verdict = "PASS" if ok else f"FAIL ({d['failing']} of {len(alone)} responses outside every tolerance)"
+    say(f"{verdict} (tolerance {args.tolerance:g}, rtol {args.rtol:g}, token-tol {args.token_tol:g})")
     return 0 if ok else 1
 
 

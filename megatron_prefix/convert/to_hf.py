@@ -211,9 +211,13 @@ def convert_mcore_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer: str | 
                         reward_bias_mode: str = "refuse", progress: bool = True) -> Path:
     """Export the checkpoint ``ckpt`` (run dir or checkpoint dir) to the HF folder ``out_dir``; returns it.
 
-    ``dtype`` (default: the checkpoint's) is the dtype written. ``hf_config``: a ``config.json`` whose
-    token ids (``bos/eos/pad_token_id`` ...) are carried over. Single process.
+    ``dtype`` (default: the checkpoint's) is the dtype written. ``hf_config``: a ``config.json`` (or its
+    folder) whose token ids (``bos/eos/pad_token_id`` ...) are carried over; ids it does not set come
+    from the tokenizer (``tokenizer`` or the one recorded for the checkpoint, see
+    ``convert.token_ids``). Single process.
     """
+    from megatron_prefix.convert.token_ids import read_hf_config, tokenizer_token_ids
+
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype: must be one of {DTYPES}, got {dtype!r}")
     if reward_bias_mode not in REWARD_BIAS_MODES:
@@ -221,13 +225,17 @@ def convert_mcore_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer: str | 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out: {out} exists and is not empty")
-    base = json.loads(Path(hf_config).read_text()) if hf_config else None
+    base = read_hf_config(hf_config) if hf_config else None
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise ValueError("convert_mcore_to_hf: run it as a single process (not under torchrun)")
     info = inspect_checkpoint(ckpt)
     torch_dtype = getattr(torch, dtype) if dtype else info.dtype
     dtype_name = str(torch_dtype).removeprefix("torch.")
     config = hf_config_dict(info.cfg, dtype_name, reward=info.reward, base=base)
+    token_ids, _ = tokenizer_token_ids(resolve_checkpoint(ckpt), tokenizer)
+    for key, value in token_ids.items():
+        if not (base and key in base):
+            config[key] = value
     if info.reward:
         bias = reward_bias(info)
         if bias != 0.0 and reward_bias_mode == "refuse":

@@ -50,6 +50,18 @@ class PreferenceDataset:
     def __len__(self) -> int:
         return len(self.store)
 
+    def max_token_id(self, num_units: int | None = None) -> int:
+        """The largest token id of the first ``num_units`` units (all by default): ``meta.json``'s
+        ``max_token_id`` (recorded at build) for the whole dataset, else one chunked pass over
+        ``tokens.bin`` (datasets built before it was recorded); -1 when there are no tokens."""
+        n = len(self) if num_units is None else min(num_units, len(self))
+        if n == len(self) and "max_token_id" in self.meta:
+            return int(self.meta["max_token_id"])
+        end, top, step = int(self.store.unit_offsets[n]), -1, 1 << 24
+        for start in range(0, end, step):
+            top = max(top, int(np.max(self.store.tokens[start : min(start + step, end)])))
+        return top
+
     def get_unit(self, i: int) -> Unit:
         """Unit ``i`` (global id ``i``)."""
         return self.store.get_unit(i)

@@ -7,7 +7,8 @@ A built dataset directory holds::
                         int64 resp_offsets [U+1] (into the per-response arrays), int32 resp_lens [R],
                         float32 resp_scores [R], int32 resp_slots [R], int64 unit_records [U]
                         (record ordinal the unit came from); plain .npy (deterministic, mmap-able)
-    meta.json           tokenizer (kind, path, vocab size, special ids, hash), build options, inputs
+    meta.json           tokenizer (kind, path, vocab size, special ids, hash), build options, inputs,
+                        max_token_id (the largest id in tokens.bin)
     stats.json          see ``megatron_prefix.data.stats``
     skipped.jsonl       one line per skipped record: file, line, reason, detail
 
@@ -59,6 +60,7 @@ class UnitWriter:
         self.resp_scores = array("f")
         self.resp_slots = array("i")
         self.unit_records = array("q")
+        self.max_token_id = -1  # recorded in meta.json: checked against a model's vocabulary before training
 
     @property
     def num_units(self) -> int:
@@ -68,6 +70,8 @@ class UnitWriter:
         """Append one unit; returns its global unit id."""
         tokens = unit.tokens()
         self._fh.write(tokens.astype("<i4", copy=False).tobytes())
+        if len(tokens):
+            self.max_token_id = max(self.max_token_id, int(tokens.max()))
         self.unit_offsets.append(self.unit_offsets[-1] + len(tokens))
         self.prompt_lens.append(unit.prompt_len)
         self.resp_lens.extend(int(n) for n in unit.response_lens)
@@ -96,7 +100,7 @@ class UnitWriter:
             tmp = index_dir / f"{name}.tmp.npy"
             np.save(tmp, arr)  # .npy: header + data, no timestamps (np.savez's zip entries carry mtimes)
             os.replace(tmp, index_dir / f"{name}.npy")
-        write_json(self.dir / META_FILE, {"format_version": FORMAT_VERSION, **meta})
+        write_json(self.dir / META_FILE, {"format_version": FORMAT_VERSION, **meta, "max_token_id": self.max_token_id})
 
 
 def _load_index(path: Path) -> np.ndarray:

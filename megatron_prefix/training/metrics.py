@@ -1,4 +1,4 @@
-"""Per-step metrics: a JSONL file (always), the console, TensorBoard (when installed), W&B (when set).
+"""Per-step metrics: a JSONL file (always), the console, TensorBoard and W&B when asked (docs/logging.md).
 
 ``MetricsLogger`` runs on the last rank only (the one holding the loss); other ranks get a no-op logger.
 Every optimizer step appends one JSON object to ``<checkpoint.dir>/metrics.jsonl`` with at least
@@ -10,6 +10,7 @@ a kill at any moment leaves either the old or the trimmed file, never an empty o
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -26,12 +27,30 @@ class LoggingConfig:
     """``logging.*``."""
 
     interval: int = 1  # console line every N steps
-    tensorboard: bool = True  # when the tensorboard package is installed
-    wandb_project: str | None = None  # W&B when set and wandb is installed
-    wandb_run: str | None = None
+    tensorboard: bool = False  # write <checkpoint.dir>/tensorboard (needs `pip install tensorboard`)
+    wandb_project: str | None = None  # log to this W&B project (needs `pip install wandb`; WANDB_MODE=offline works)
+    wandb_run: str | None = None  # W&B run name (default: W&B's)
 
     def validate(self) -> None:
         require(self.interval >= 1, "logging.interval", f"must be >= 1, got {self.interval}")
+
+    def missing_packages(self) -> list[str]:
+        """``logging.<field>: ... pip install X`` for each logger asked for whose package is not installed.
+
+        Checked at the start of a run (``runner.parse_config``), before anything is built; not part of
+        ``validate`` (a recipe is valid on a machine without the package)."""
+        out = []
+        if self.tensorboard and not _installed("tensorboard"):
+            out.append("logging.tensorboard: is true but the tensorboard package is not installed: "
+                       "pip install tensorboard (or set logging.tensorboard=false)")
+        if self.wandb_project and not _installed("wandb"):
+            out.append("logging.wandb_project: is set but the wandb package is not installed: pip install wandb "
+                       "(or leave it unset)")
+        return out
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
 
 
 def _clean(value: Any) -> Any:
@@ -53,20 +72,15 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        if cfg.tensorboard:  # parse_config checked that the package is installed (missing_packages)
+            from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-            except Exception:  # tensorboard is optional
-                self._tb = None
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         if cfg.wandb_project:
-            try:
-                import wandb
+            import wandb
 
-                self._wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run, resume="allow")
-            except ImportError as err:
-                raise ValueError("logging.wandb_project is set but wandb is not installed") from err
+            self._wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run, resume="allow",
+                                     dir=str(Path(run_dir)))
 
     def _truncate_after(self, step: int) -> None:
         """Drop records after ``step`` (and lines cut by a kill), atomically."""

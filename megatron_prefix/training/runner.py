@@ -77,6 +77,8 @@ def parse_config(argv: list[str], task: str) -> TrainConfig:
             cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")), cuda=torch.cuda.is_available())
     except ConfigError as err:
         errors += [m for m in err.messages if m.split(":", 1)[0] not in {e.split(":", 1)[0] for e in errors}]
+    if not args.print_config:  # a logger asked for without its package: the install command, before any build
+        errors += cfg.logging.missing_packages()
     if errors:
         raise ConfigError(errors)
     if args.print_config:
@@ -137,7 +139,11 @@ class Run:
     # ---------------------------------------------------------------- setup helpers
 
     def _fix_vocab(self) -> None:
-        """The dataset's tokenizer decides the vocabulary unless an HF config or checkpoint fixes it."""
+        """The dataset's tokenizer decides the vocabulary unless an HF config or checkpoint fixes it; the
+        dataset's token ids must fit the model that will be loaded, at start and on resume
+        (``training.vocab``)."""
+        from megatron_prefix.training.vocab import check_token_ids, tokenizer_mismatch
+
         data_vocab = int(self.dataset.tokenizer_info["vocab_size"])
         fixed = self.cfg.checkpoint.load and resolve(self.cfg.checkpoint.load)
         model_cfg = self.cfg.model
@@ -153,12 +159,22 @@ class Run:
         if fixed or self._from_hf():
             if data_vocab > model_cfg.vocab_size:
                 raise ValueError(
-                    f"model.vocab_size: the dataset's tokenizer has {data_vocab} ids but the model "
-                    f"({self.cfg.checkpoint.load or 'hf_config'}) has {model_cfg.vocab_size}; rebuild the "
+                    f"model.vocab_size: the tokenizer of the dataset {self.dataset.path} has {data_vocab} ids but "
+                    f"the model ({fixed or 'hf_config'}) has {model_cfg.vocab_size}; rebuild the "
                     "dataset with the model's tokenizer"
                 )
         else:
             model_cfg = replace(model_cfg, vocab_size=data_vocab)
+        # the checkpoint whose weights this run loads: its own latest (resume), else checkpoint.load
+        loaded = self.ckpt.latest() or fixed
+        state = CheckpointManager.read_train_state(loaded) if loaded else {}
+        vocab = int((state.get("model") or {}).get("vocab_size", model_cfg.vocab_size))
+        source = f"model.hf_config {self.cfg.model_source}" if self._from_hf() else "the recipe"
+        check_token_ids(self.dataset, min(vocab, model_cfg.vocab_size),
+                        f"checkpoint {loaded} (vocab_size {vocab})" if loaded else source)
+        warning = tokenizer_mismatch(self.dataset, state.get("tokenizer"), str(loaded))
+        if warning:
+            _log(warning)
         self.model_cfg = model_cfg
         self.cfg.model = model_cfg  # train_state.json's config records the architecture actually built
 
@@ -172,6 +188,7 @@ class Run:
             "scheduler": self.t.scheduler.state_dict(),
             "model": asdict(self.model_cfg),
             "task": self.cfg.task,
+            "tokenizer": self.dataset.tokenizer_info,  # compared with the dataset's on resume / load
             "config": asdict(self.cfg),
             "world": {"tp": self.info.tp_size, "pp": self.info.pp_size, "cp": self.info.cp_size,
                       "dp": self.info.dp_size},
