@@ -36,7 +36,7 @@ from megatron_prefix.training.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_PR
 from megatron_prefix.training.loader import StepLoader, eval_rows
 from megatron_prefix.training.metrics import MetricsLogger, console_line
 from megatron_prefix.training.reference import (
-    ReferenceCache, checkpoint_fingerprint, dataset_digest, key_digest, precompute,
+    ReferenceCache, checkpoint_fingerprint, key_digest, precompute, reference_key,
 )
 from megatron_prefix.training.setup import build_stage, build_trainable, load_state, sharded_state
 from megatron_prefix.training.step import (
@@ -217,8 +217,7 @@ class Run:
             path = resolve(load)
             ref["checkpoint_step"] = CheckpointManager.read_train_state(path).get("step")
             ref["checkpoint_files"] = checkpoint_fingerprint(path)
-        return {"dataset": dataset_digest(self.dataset), "units": len(self.dataset),
-                "model": asdict(self.model_cfg), "reference": ref}
+        return reference_key(self.dataset, asdict(self.model_cfg), ref, self.cfg.resolved_dtype(self.cuda))
 
     def _precompute_reference(self) -> None:
         key = self._reference_key()
