@@ -30,7 +30,7 @@ from megatron_prefix.data.dataset import PreferenceDataset
 from megatron_prefix.model.config import ModelConfig
 from megatron_prefix.parallel import init_parallel, seed_everything
 from megatron_prefix.training import flops
-from megatron_prefix.training.checkpoint import CheckpointManager, resolve
+from megatron_prefix.training.checkpoint import CheckpointManager, load_sharded, resolve
 from megatron_prefix.training.config import TrainConfig
 from megatron_prefix.training.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR
 from megatron_prefix.training.loader import StepLoader, eval_rows
@@ -38,7 +38,7 @@ from megatron_prefix.training.metrics import MetricsLogger, console_line
 from megatron_prefix.training.reference import (
     ReferenceCache, checkpoint_fingerprint, key_digest, precompute, reference_key,
 )
-from megatron_prefix.training.setup import build_stage, build_trainable, load_state, sharded_state
+from megatron_prefix.training.setup import build_stage, build_trainable, check_loaded_keys, load_state, sharded_state
 from megatron_prefix.training.step import (
     StepContext, logprob_collector, loss_func, make_microbatches, reduce_report, response_positions, run_schedule,
 )
@@ -199,13 +199,12 @@ class Run:
     def _load_reference_weights(self) -> None:
         """Online reference = the initial policy: the `checkpoint.load` weights or the same seeded init."""
         if self.cfg.checkpoint.load:
-            from megatron.core import dist_checkpointing
             from megatron.core.utils import unwrap_model
 
             core = unwrap_model(self.ref_model)
             path = resolve(self.cfg.checkpoint.load)
-            state = dist_checkpointing.load({"model": core.sharded_state_dict()}, str(path))
-            core.load_state_dict(state["model"], strict=True)
+            state = load_sharded({"model": core.sharded_state_dict()}, path)
+            check_loaded_keys(*core.load_state_dict(state["model"], strict=False))
         for p in self.ref_model.parameters():
             p.requires_grad_(False)
         self.ref_model.eval()
