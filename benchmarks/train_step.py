@@ -21,7 +21,11 @@ and optimizer state allocated before the step are not in it).
 ``data.sort_window`` (0: no sorting, 1: sorted within each global batch, N: across N batches) and
 reports fill, micro-batches (rows) per step, padding and step time for each.
 
-Every number in the JSON comes from this run; ``loadavg`` records how busy the machine was.
+Every number in the JSON comes from this run; ``loadavg`` records how busy the machine was. On a busy
+machine wall time is noisy; ``cpu_time_ratio`` (the same ratio of process CPU time) much less so, as
+long as the process runs one thread (``OMP_NUM_THREADS=1``) on CPU. ``rows_ratio`` is the ratio of
+rows (micro-batches) per step: every row is ``pack_tokens`` long, padding included, so it is what a
+row-shaped step costs.
 """
 
 from __future__ import annotations
@@ -148,7 +152,7 @@ def timed_step(run, step: int, track_memory: bool = False) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     tracker = StorageHighWater() if track_memory and not cuda else None
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if tracker is not None:
         with tracker:
             rec = run.train_step(step)
@@ -157,6 +161,7 @@ def timed_step(run, step: int, track_memory: bool = False) -> dict:
     if cuda:
         torch.cuda.synchronize()
     rec["wall_s"] = time.perf_counter() - t0
+    rec["process_s"] = time.process_time() - c0  # CPU time of this process: robust to a busy machine
     if track_memory:
         if cuda:
             rec["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
@@ -208,6 +213,7 @@ def compare(shared, unshared, warmup: int, steps: int) -> dict:
         out[name] = {
             "median_step_s": step_s,
             "step_s": [round(r["wall_s"], 4) for r in timed],
+            "median_process_s": median([r["process_s"] for r in timed]),
             "tokens": tot["tokens"], "attention_pairs": tot["pairs"],
             "rows_per_step": tot["rows"] / steps, "fill": tot["tokens"] / (tot["tokens"] + tot["padding"]),
             "tokens_per_s": tot["tokens"] / steps / step_s,
@@ -223,6 +229,8 @@ def compare(shared, unshared, warmup: int, steps: int) -> dict:
         "ideal_token_ratio": u["tokens"] / s["tokens"],
         "ideal_pair_ratio": u["attention_pairs"] / s["attention_pairs"],
         "time_ratio": u["median_step_s"] / s["median_step_s"],
+        "cpu_time_ratio": u["median_process_s"] / s["median_process_s"],
+        "rows_ratio": u["rows_per_step"] / s["rows_per_step"],
         "peak_memory_ratio": u["peak_memory_bytes"] / s["peak_memory_bytes"],
         "max_abs_loss_diff": max(abs(a - b) for a, b in zip(s["losses"], u["losses"])),
         "preference_pairs_per_step": median([r["pairs"] for r in recs["shared"] if r["timed"]]),
@@ -230,28 +238,33 @@ def compare(shared, unshared, warmup: int, steps: int) -> dict:
     }
 
 
-def sort_sweep(shared, windows: list[int], warmup: int, steps: int) -> list[dict]:
-    """The shared run's steps re-planned for each ``sort_window``: fill, rows, padding, step time."""
+def sort_sweep(shared, unshared, windows: list[int], warmup: int, steps: int) -> list[dict]:
+    """Each ``sort_window``: fill, rows and padding over a whole epoch (both layouts), shared step time."""
     from dataclasses import replace
 
     from megatron_prefix.training.loader import StepLoader
 
     out = []
     for w in windows:
-        run = copy.copy(shared)
-        run.loader = StepLoader(shared.dataset, shared.train_ids, replace(shared.cfg.data.batch_config(), sort_window=w),
-                                0, 1)
-        epoch = [row_stats(run, i) for i in range(run.loader.steps_per_epoch)]
-        times = [timed_step(run, i)["wall_s"] for i in range(warmup + steps)][warmup:]
-        tokens, padding = sum(e["tokens"] for e in epoch), sum(e["padding"] for e in epoch)
-        out.append({
-            "sort_window": w, "epoch_steps": len(epoch),
-            "fill": tokens / (tokens + padding), "rows_per_step": sum(e["rows"] for e in epoch) / len(epoch),
-            "padding_tokens_per_step": padding / len(epoch),
-            "median_step_s": median(times), "timed_steps": len(times),
-        })
-        print(f"sort_window {w}: fill {out[-1]['fill']:.3f} rows/step {out[-1]['rows_per_step']:.2f} "
-              f"step {out[-1]['median_step_s']:.3f}s", flush=True)
+        batch = replace(shared.cfg.data.batch_config(), sort_window=w)
+        entry: dict = {"sort_window": w}
+        runs = {}
+        for name, base in (("shared", shared), ("unshared", unshared)):
+            run = runs[name] = copy.copy(base)
+            run.loader = StepLoader(base.dataset, base.train_ids, batch, 0, 1)
+            epoch = [row_stats(run, i) for i in range(run.loader.steps_per_epoch)]
+            tokens, padding = sum(e["tokens"] for e in epoch), sum(e["padding"] for e in epoch)
+            entry[name] = {"fill": tokens / (tokens + padding), "rows_per_step": sum(e["rows"] for e in epoch) / len(epoch),
+                           "padding_tokens_per_step": padding / len(epoch)}
+        entry["epoch_steps"] = runs["shared"].loader.steps_per_epoch
+        entry["rows_ratio"] = entry["unshared"]["rows_per_step"] / entry["shared"]["rows_per_step"]
+        times = [timed_step(runs["shared"], i)["wall_s"] for i in range(warmup + steps)][warmup:]
+        entry["shared"]["median_step_s"] = median(times)
+        entry["timed_steps"] = len(times)
+        out.append(entry)
+        print(f"sort_window {w}: fill {entry['shared']['fill']:.3f} / {entry['unshared']['fill']:.3f}, rows/step "
+              f"{entry['shared']['rows_per_step']:.2f} / {entry['unshared']['rows_per_step']:.2f}, shared step "
+              f"{entry['shared']['median_step_s']:.3f}s", flush=True)
     return out
 
 
@@ -291,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         result = compare(shared, unshared, args.warmup, args.steps)
         windows = [int(w) for w in args.sort_windows.split(",")] if args.sort_windows else []
-        sweep = sort_sweep(shared, windows, args.warmup, args.steps) if windows else None
+        sweep = sort_sweep(shared, unshared, windows, args.warmup, min(args.steps, 3)) if windows else None
         wall = time.perf_counter() - t0
     out = {
         "benchmark": "train_step: DPO step, prefix sharing on vs off",
@@ -305,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg": {"before": list(load_before), "after": list(os.getloadavg())},
         "threads": torch.get_num_threads(), "wall_s": wall,
     }
-    keys = ("ideal_token_ratio", "ideal_pair_ratio", "time_ratio", "peak_memory_ratio")
+    keys = ("ideal_token_ratio", "ideal_pair_ratio", "time_ratio", "cpu_time_ratio", "rows_ratio", "peak_memory_ratio")
     print(json.dumps({k: round(out[k], 3) for k in keys}))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,9 @@ def test_train_step_json(tmp_path):
     assert r["max_abs_loss_diff"] < 1e-4  # same units, same weights: sharing must not change the loss
     assert [w["sort_window"] for w in r["sort_sweep"]] == [0, 2]
     for w in r["sort_sweep"]:
-        assert 0 < w["fill"] <= 1 and w["rows_per_step"] >= 1 and w["median_step_s"] > 0
+        for layout in ("shared", "unshared"):
+            assert 0 < w[layout]["fill"] <= 1 and w[layout]["rows_per_step"] >= 1
+        assert w["shared"]["median_step_s"] > 0 and w["rows_ratio"] >= 1
 
 
 def test_train_step_refuses_a_directory_that_is_not_a_dataset(tmp_path):
