@@ -102,13 +102,13 @@ step data 60 bash -c "$PY tools/make_demo_data.py --output '$RAW/demo.jsonl' --r
   $PY tools/build_dataset.py --input '$RAW/demo.jsonl' --tokenizer byte --output '$RAW/data' \
   --max-unit-tokens $MAXUNIT --pack-tokens $PACK"
 
-# --- the GPU test tier
+# --- the GPU test tier: the files that hold gpu-marked tests (rehearsal: collection only)
+GPU_TEST_FILES=$(grep -l "mark.gpu" tests/test_*.py | tr '\n' ' ')
 if [[ $REHEARSE == 1 ]]; then
-  # collection only, of the files that hold gpu-marked tests (imports, fixtures, markers)
-  step gpu_tests "$T_TESTS" $PY -m pytest -q -m gpu --collect-only -p no:cacheprovider \
-    $(grep -l "mark.gpu" tests/test_*.py)
+  step gpu_tests "$T_TESTS" $PY -m pytest -q -m gpu --collect-only -p no:cacheprovider $GPU_TEST_FILES
 else
-  step gpu_tests "$T_TESTS" $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests
+  step gpu_tests "$T_TESTS" $PY -m pytest -q -m gpu -p no:cacheprovider -rs --continue-on-collection-errors \
+    $GPU_TEST_FILES
 fi
 
 # --- attention sweep (benchmarks/attention_sweep.py)
