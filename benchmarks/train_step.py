@@ -213,6 +213,7 @@ def compare(shared, unshared, warmup: int, steps: int) -> dict:
         out[name] = {
             "median_step_s": step_s,
             "step_s": [round(r["wall_s"], 4) for r in timed],
+            "process_s": [round(r["process_s"], 4) for r in timed],
             "median_process_s": median([r["process_s"] for r in timed]),
             "tokens": tot["tokens"], "attention_pairs": tot["pairs"],
             "rows_per_step": tot["rows"] / steps, "fill": tot["tokens"] / (tot["tokens"] + tot["padding"]),
