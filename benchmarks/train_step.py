@@ -8,7 +8,9 @@ Builds one ``Run`` (the trainer of ``launch/train_dpo.py``, same code path) on t
 second trainable, same seed and so the same initial weights, on the unshared layout of the same
 dataset. Optimizer step ``i`` of both sees the same units (the loader's plan does not depend on the
 layout). Steps are interleaved (shared, unshared, unshared, shared, ...) so that machine load drifts
-hit both alike; the step time is the median over ``--steps`` steps after ``--warmup`` steps.
+hit both alike. ``time_ratio`` is the median, over the ``--steps`` steps after ``--warmup`` steps, of
+each step's unshared / shared wall time (the same units in both; steps differ in size, so a ratio of
+per-layout medians could pair different steps); ``median_step_s`` per layout is reported too.
 Reference log-probs are zeros: in training they come from a precomputed table (a lookup), which is
 not what is measured here.
 
@@ -226,11 +228,14 @@ def compare(shared, unshared, warmup: int, steps: int) -> dict:
             "losses": [r["loss"] for r in recs[name]],
         }
     s, u = out["shared"], out["unshared"]
+    pairs = [(a, b) for a, b in zip(recs["shared"], recs["unshared"]) if a["timed"]]
     return {
         "ideal_token_ratio": u["tokens"] / s["tokens"],
         "ideal_pair_ratio": u["attention_pairs"] / s["attention_pairs"],
-        "time_ratio": u["median_step_s"] / s["median_step_s"],
-        "cpu_time_ratio": u["median_process_s"] / s["median_process_s"],
+        # the same step (same units) in both layouts: median over steps of the per-step ratio
+        "time_ratio": median([b["wall_s"] / a["wall_s"] for a, b in pairs]),
+        "cpu_time_ratio": median([b["process_s"] / a["process_s"] for a, b in pairs]),
+        "total_time_ratio": sum(b["wall_s"] for _, b in pairs) / sum(a["wall_s"] for a, _ in pairs),
         "rows_ratio": u["rows_per_step"] / s["rows_per_step"],
         "peak_memory_ratio": u["peak_memory_bytes"] / s["peak_memory_bytes"],
         "max_abs_loss_diff": max(abs(a - b) for a, b in zip(s["losses"], u["losses"])),
