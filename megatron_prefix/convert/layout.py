@@ -55,16 +55,28 @@ GLOBAL_TABLE: dict[str, tuple[str, int | None]] = {
     "decoder.final_layernorm.weight": ("model.norm.weight", None),
     "output_layer.weight": ("lm_head.weight", 0),
 }
-# dist_checkpointing keys of the layer parameters (the local spec stores the norms under TE names)
-CKPT_LAYER_KEYS: dict[str, str] = {
-    "input_layernorm.weight": "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
-    "self_attention.linear_qkv.weight": "decoder.layers.self_attention.linear_qkv.weight",
-    "self_attention.linear_qkv.bias": "decoder.layers.self_attention.linear_qkv.bias",
-    "self_attention.linear_proj.weight": "decoder.layers.self_attention.linear_proj.weight",
-    "pre_mlp_layernorm.weight": "decoder.layers.mlp.linear_fc1.layer_norm_weight",
-    "mlp.linear_fc1.weight": "decoder.layers.mlp.linear_fc1.weight",
-    "mlp.linear_fc2.weight": "decoder.layers.mlp.linear_fc2.weight",
+# Transformer Engine's layer spec fuses the two RMSNorms into the following linear layer
+# (``TELayerNormColumnParallelLinear``); megatron's local spec keeps them apart and saves them under the
+# fused names (its ``sharded_state_dict_keys_map``), so checkpoints are canonical in both specs.
+TE_FUSED_NORMS: dict[str, str] = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
 }
+# layer submodules that are Transformer Engine modules in the TE spec (each holds an ``_extra_state``)
+TE_LINEAR_MODULES: tuple[str, ...] = (
+    "self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2",
+)
+
+
+def te_param_name(local_suffix: str) -> str:
+    """The name of a local-spec layer parameter (``input_layernorm.weight``) in a TE-spec layer."""
+    return TE_FUSED_NORMS.get(local_suffix, local_suffix)
+
+
+# dist_checkpointing keys of the layer parameters (layer axis first; TE names in both specs)
+CKPT_LAYER_KEYS: dict[str, str] = {k: "decoder.layers." + te_param_name(k) for k in LAYER_TABLE}
+# ... and the ``_extra_state`` objects of the linear layers (None from the local spec; FP8 metadata from TE)
+CKPT_EXTRA_STATE_KEYS: tuple[str, ...] = tuple(f"decoder.layers.{m}._extra_state" for m in TE_LINEAR_MODULES)
 REWARD_HEAD = "score.weight"
 HF_LAYER_PREFIX = "model.layers.{}."
 

@@ -62,6 +62,7 @@ from megatron_prefix.training.manifest import (  # noqa: F401 - re-exported: the
 
 LOCK_FILE = ".lock"
 
+EXTRA_STATE = "._extra_state"  # Transformer Engine modules' FP8 metadata (megatron's local modules: None)
 
 
 @dataclass
@@ -263,7 +264,7 @@ class CheckpointManager:
         install_safe_metadata_reader()
         train_state = CheckpointManager.read_train_state(path)
         try:
-            state = dist_checkpointing.load(sharded_state_fn(), str(path))
+            state = load_sharded(sharded_state_fn(), path)
         except CheckpointError:
             raise
         except Exception as err:  # name the checkpoint whatever megatron/torch raise
@@ -272,3 +273,43 @@ class CheckpointManager:
         if restore_rng and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
         return state, train_state
+
+
+def _sharded_keys(tree: Any) -> set[str]:
+    """Checkpoint keys (``ShardedBase.key``) in a nested sharded state dict."""
+    if isinstance(tree, dict):
+        return set().union(*(_sharded_keys(v) for v in tree.values())) if tree else set()
+    if isinstance(tree, (list, tuple)):
+        return set().union(*(_sharded_keys(v) for v in tree)) if tree else set()
+    key = getattr(tree, "key", None)
+    return {key} if isinstance(key, str) else set()
+
+
+def load_sharded(sharded_state: dict, path: str | Path) -> dict:
+    """``dist_checkpointing.load`` with the key sets checked; the only tolerated gap is ``*._extra_state``.
+
+    - A key the model asks for that the checkpoint lacks is an error naming it, except ``*._extra_state``:
+      a checkpoint written with megatron's local spec (the converter, CPU runs) has no entry for what
+      only Transformer Engine modules hold; they keep their fresh defaults (``load_state`` tolerates
+      exactly these keys).
+    - A checkpoint key in the model's namespaces (``embedding``, ``decoder``, ``output_layer``: the first
+      component of the keys under ``sharded_state["model"]``) that no rank asks for is an error naming it,
+      else a weight would be dropped silently. Optimizer keys the run does not load are not checked.
+
+    Layer norms need no renaming: megatron's local spec saves them under the Transformer Engine names
+    (``input_layernorm.weight`` -> ``self_attention.linear_qkv.layer_norm_weight``), see
+    ``megatron_prefix.convert.layout.CKPT_LAYER_KEYS``.
+    """
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    state, unrequested, absent = dist_checkpointing.load(sharded_state, str(path), strict=StrictHandling.RETURN_ALL)
+    lacking = sorted(k for k in absent if not k.endswith(EXTRA_STATE))
+    if lacking:
+        raise ValueError(f"checkpoint.load: {path} lacks {len(lacking)} keys this model needs: {lacking[:10]}; "
+                         "is it a checkpoint of this architecture (model.*)?")
+    spaces = {k.split(".", 1)[0] for k in _sharded_keys(sharded_state.get("model", {}))}
+    extra = sorted(k for k in unrequested if k.split(".", 1)[0] in spaces and not k.endswith(EXTRA_STATE))
+    if extra:
+        raise ValueError(f"checkpoint.load: {path} holds {len(extra)} model keys this model has no place for: "
+                         f"{extra[:10]}; is it a checkpoint of this architecture (model.*)?")
+    return state

@@ -7,8 +7,9 @@ reference) over every unit of the dataset before training and stores one float p
         logps.npy     float64 [R] in the dataset's response order (unit u's responses at
                       resp_offsets[u] .. resp_offsets[u+1])
         done.npy      bool [U]: units already computed (the pass resumes where it stopped)
-        key.json      what the values depend on: the dataset (meta.json digest, unit count) and the
-                      reference (model config, initial checkpoint and its step, or the init seed)
+        key.json      what the values depend on: the dataset (meta.json digest, unit count), the
+                      reference (model config, initial checkpoint and its step, or the init seed) and
+                      the compute dtype (an fp32 cache is never reused by a bf16 run, or vice versa)
 
 By default every (dataset, reference) pair gets its own directory, named by a hash of the key; an explicit
 ``reference.path`` whose key differs from the run's is refused with an error naming both. Either way a
@@ -40,6 +41,16 @@ def dataset_digest(dataset: PreferenceDataset) -> str:
     h = hashlib.sha256((dataset.path / "meta.json").read_bytes())
     h.update(str((len(dataset), int(dataset.store.unit_offsets[-1]))).encode())
     return h.hexdigest()
+
+
+def reference_key(dataset: PreferenceDataset, model: dict, reference: dict, dtype: str) -> dict:
+    """The cache key: dataset digest and unit count, model config, reference identity, compute dtype.
+
+    ``dtype`` is the dtype the reference forward runs in (``TrainConfig.resolved_dtype``): log-probs of
+    a bf16 forward differ from fp32 ones by far more than DPO's margins, so it is part of the key.
+    """
+    return {"dataset": dataset_digest(dataset), "units": len(dataset), "model": model, "reference": reference,
+            "dtype": str(dtype)}
 
 
 def key_digest(key: dict) -> str:

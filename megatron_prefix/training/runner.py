@@ -30,16 +30,16 @@ from megatron_prefix.model.config import ModelConfig
 from megatron_prefix.parallel import init_parallel, seed_everything
 from megatron_prefix.planning.search import check_fit
 from megatron_prefix.training import flops
-from megatron_prefix.training.checkpoint import CheckpointError, CheckpointManager, resolve
+from megatron_prefix.training.checkpoint import CheckpointError, CheckpointManager, load_sharded, resolve
 from megatron_prefix.training.config import TrainConfig
 from megatron_prefix.training.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR
 from megatron_prefix.training.loader import StepLoader, eval_rows
 from megatron_prefix.training.metrics import MetricsLogger, console_line
 from megatron_prefix.training.reference import (
-    ReferenceCache, checkpoint_fingerprint, dataset_digest, key_digest, precompute,
+    ReferenceCache, checkpoint_fingerprint, key_digest, precompute, reference_key,
 )
 from megatron_prefix.training.resume import check_model, start_points
-from megatron_prefix.training.setup import build_stage, build_trainable, load_state, sharded_state
+from megatron_prefix.training.setup import build_stage, build_trainable, check_loaded_keys, load_state, sharded_state
 from megatron_prefix.training.signals import PreemptedExit, _agree, _Preempted
 from megatron_prefix.training.step import (
     StepContext, attach_plans, logprob_collector, loss_func, make_microbatches, reduce_report, response_positions,
@@ -226,13 +226,12 @@ class Run:
     def _load_reference_weights(self) -> None:
         """Online reference = the initial policy: the `checkpoint.load` weights or the same seeded init."""
         if self.cfg.checkpoint.load:
-            from megatron.core import dist_checkpointing
             from megatron.core.utils import unwrap_model
 
             core = unwrap_model(self.ref_model)
             path = resolve(self.cfg.checkpoint.load)
-            state = dist_checkpointing.load({"model": core.sharded_state_dict()}, str(path))
-            core.load_state_dict(state["model"], strict=True)
+            state = load_sharded({"model": core.sharded_state_dict()}, path)
+            check_loaded_keys(*core.load_state_dict(state["model"], strict=False))
         for p in self.ref_model.parameters():
             p.requires_grad_(False)
         self.ref_model.eval()
@@ -244,8 +243,7 @@ class Run:
             path = resolve(load)
             ref["checkpoint_step"] = CheckpointManager.read_train_state(path).get("step")
             ref["checkpoint_files"] = checkpoint_fingerprint(path)
-        return {"dataset": dataset_digest(self.dataset), "units": len(self.dataset),
-                "model": asdict(self.model_cfg), "reference": ref}
+        return reference_key(self.dataset, asdict(self.model_cfg), ref, self.cfg.resolved_dtype(self.cuda))
 
     def _precompute_reference(self) -> None:
         key = self._reference_key()

@@ -19,6 +19,7 @@ from megatron.core.utils import unwrap_model
 
 from megatron_prefix.model.config import ModelConfig
 from megatron_prefix.model.spec import build_model
+from megatron_prefix.training.checkpoint import EXTRA_STATE
 from megatron_prefix.training.config import TrainConfig
 from megatron_prefix.training.reward import attach_reward_head
 
@@ -157,12 +158,20 @@ def _is_distrib(t: Trainable) -> bool:
     return any(isinstance(o, DistributedOptimizer) for o in opts)
 
 
-def load_state(t: Trainable, state: dict, without_head: bool = False) -> None:
-    """Put a loaded dist_checkpointing state into the model (and optimizer when present)."""
-    missing, unexpected = t.core.load_state_dict(state["model"], strict=False)
-    missing = [k for k in missing if not (without_head and k.startswith(HEAD_PREFIX))]
+def check_loaded_keys(missing: list[str], unexpected: list[str], without_head: bool = False) -> None:
+    """Refuse a ``load_state_dict(strict=False)`` result with gaps other than the tolerated ones.
+
+    Tolerated: ``*._extra_state`` (Transformer Engine metadata absent from a local-spec checkpoint, see
+    ``checkpoint.load_sharded``) and, with ``without_head``, the output layer.
+    """
+    missing = [k for k in missing if not k.endswith(EXTRA_STATE) and not (without_head and k.startswith(HEAD_PREFIX))]
     if missing or unexpected:
         raise ValueError(f"checkpoint.load: the checkpoint does not match the model: missing {missing}, "
                          f"unexpected {unexpected}")
+
+
+def load_state(t: Trainable, state: dict, without_head: bool = False) -> None:
+    """Put a loaded dist_checkpointing state into the model (and optimizer when present)."""
+    check_loaded_keys(*t.core.load_state_dict(state["model"], strict=False), without_head=without_head)
     if "optimizer" in state:
         t.optimizer.load_state_dict(state["optimizer"])
