@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_prefix.digests import sha256_file  # noqa: F401 - re-exported for the converters
 from megatron_prefix.model.config import ModelConfig
 
 INDEX = "model.safetensors.index.json"
@@ -34,14 +34,6 @@ TOKENIZER_FILES = (
 )
 # config.json keys that do not describe the architecture (copied from a base config when given)
 PASSTHROUGH_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "attention_dropout", "pretraining_tp")
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class HFReader:

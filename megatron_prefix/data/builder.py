@@ -18,7 +18,6 @@ Pure Python + numpy: no torch, no megatron.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import multiprocessing as mp
@@ -38,9 +37,16 @@ from megatron_prefix.data.packing import fill_ratio, pack_bins
 from megatron_prefix.data.readers import expand_inputs, open_records, parse_field_map
 from megatron_prefix.data.records import PreferenceRecord, Skipped, SkipRecord
 from megatron_prefix.data.stats import StatsAccumulator
-from megatron_prefix.data.storage import INDEX_DIR, META_FILE, TOKENS_FILE, UnitWriter, write_json
+from megatron_prefix.data.storage import (
+    INDEX_DIR,
+    META_FILE,
+    TOKENS_FILE,
+    UnitWriter,
+    write_json,
+)
 from megatron_prefix.data.tokenizers import load_tokenizer
 from megatron_prefix.data.units import UnitBuilder, UnitConfig
+from megatron_prefix.digests import sha256_file
 from megatron_prefix.faults import fault_point
 from megatron_prefix.locks import DirLock
 
@@ -110,14 +116,6 @@ def _chunks(items: Iterable, n: int) -> Iterator[list]:
 def _packed_fill(lengths: np.ndarray, capacity: int) -> tuple[float, int]:
     bins = pack_bins(lengths.tolist(), capacity, algorithm="bfd")
     return fill_ratio(bins, lengths.tolist(), capacity), len(bins)
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def build_dataset(cfg: BuildConfig, log: Callable[[str], None] = print) -> dict:
@@ -233,7 +231,7 @@ def _build_into(cfg: BuildConfig, out: Path, log: Callable[[str], None]) -> dict
     options = asdict(cfg)
     options.pop("output")
     options.pop("workers")  # does not change the output (byte-identical across worker counts)
-    options["inputs"] = [{"path": str(p), "sha256": _file_digest(str(p))} for p in expand_inputs(cfg.inputs)]
+    options["inputs"] = [{"path": str(p), "sha256": sha256_file(p)} for p in expand_inputs(cfg.inputs)]
     writer.close({"tokenizer": tokenizer.describe(), "build": options, "units": writer.num_units})
     if not result["units"]:  # nothing to train on: an error, with the reasons (files are written to inspect)
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(result["skipped"].items(), key=lambda kv: -kv[1]))

@@ -10,7 +10,6 @@ initialized (all ranks get the same answer). See docs/reliability.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from typing import Any
 import torch.distributed as dist
 
 from megatron_prefix.compat.safe_metadata import load_metadata
+from megatron_prefix.digests import sha256_file
 
 LATEST = "latest"
 STATE_FILE = "train_state.json"
@@ -74,14 +74,6 @@ def read_latest(run_dir: str | Path) -> Path | None:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
 
@@ -93,7 +85,7 @@ def _digests(path: Path, names: list[str]) -> dict[str, str]:
     mine = {}
     for name in names[rank::world]:
         try:
-            mine[name] = _sha256(path / name)
+            mine[name] = sha256_file(path / name)
         except OSError as err:
             mine[name] = f"unreadable: {err}"
     out: dict[str, str] = {}
