@@ -20,7 +20,8 @@ def _key(tmp_path: Path, dataset: Path, dtype: str) -> dict:
 
     recipe = write_recipe(tmp_path / "r.yaml", dataset, tmp_path / "run")
     run = Run.__new__(Run)  # the key needs no model: only the config, the dataset and the model config
-    run.cfg = parse_config(["--config", str(recipe), f"train.dtype={dtype}"], "dpo")
+    run.cfg = parse_config(["--config", str(recipe)], "dpo")  # validated for this CPU machine (fp32) ...
+    run.cfg.train.dtype = dtype  # ... then the dtype a GPU run would resolve; the key reads only the config
     run.cuda = False
     run.dataset = PreferenceDataset(dataset, "shared")
     run.model_cfg = run.cfg.model
