@@ -29,6 +29,7 @@ from megatron_prefix.data.dataset import PreferenceDataset
 from megatron_prefix.model.config import ModelConfig
 from megatron_prefix.parallel import init_parallel, seed_everything
 from megatron_prefix.planning.search import check_fit
+from megatron_prefix.progress import Progress
 from megatron_prefix.training import flops
 from megatron_prefix.training.checkpoint import CheckpointError, CheckpointManager, load_sharded, resolve
 from megatron_prefix.training.config import TrainConfig
@@ -91,8 +92,12 @@ class _PrintedConfig(Exception):
     """``--print-config`` printed the config: exit 0 without building anything."""
 
 
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def _log(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if _is_rank0():
         print(msg, flush=True)
 
 
@@ -110,9 +115,12 @@ class Run:
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         self.dataset = PreferenceDataset(cfg.data.path, cfg.data.layout)
         _Preempted.install()  # from here on a preemption notice is honoured (precompute included)
+        if _is_rank0():
+            _tee_console(cfg.checkpoint.dir)
         self.ckpt = CheckpointManager(cfg.checkpoint, log=_log)
         self.resume_path, self.load_path = start_points(self.ckpt, cfg.checkpoint.load, _log)
         self._fix_vocab()
+        self._record_run()
         self.train_ids, self.eval_ids = self.dataset.split_ids(cfg.data.eval_fraction, cfg.data.seed)
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.loader = StepLoader(self.dataset, self.train_ids, cfg.data.batch_config(), dp_rank, dp_size)
@@ -135,6 +143,19 @@ class Run:
             and ps.get_context_parallel_rank() == 0
         self.metrics = MetricsLogger(cfg.checkpoint.dir, cfg.logging, enabled=self.log_rank,
                                      resume_step=self.start_step)
+        if self.log_rank and not _is_rank0():
+            _tee_console(cfg.checkpoint.dir)  # the training lines come from the last stage
+
+    def _record_run(self) -> None:
+        """Rank 0: tee the console into ``<checkpoint.dir>/console.log`` (appended across restarts) and
+        write the resolved config (vocabulary fixed) to ``<checkpoint.dir>/config.yaml``."""
+        if not _is_rank0():
+            return
+        run_dir = Path(self.cfg.checkpoint.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(dump_yaml(self.cfg))
+        os.replace(tmp, run_dir / "config.yaml")
 
     # ---------------------------------------------------------------- setup helpers
 
@@ -337,8 +358,15 @@ class Run:
         self._attach_reference(mbs)
         self.t.model.eval()
         attach_plans(self.ctx, [self.t.model], mbs, self._seq_len())
+        bar = Progress(len(ids), f"eval step {step}", unit="units", enabled=_is_rank0(), log=_log)
+        reports: list = []
+        chunk = max(1, len(mbs) // 8)  # a few schedule calls, so the bar moves (equal counts on every rank)
         with torch.no_grad():
-            reports = run_schedule([self.t.model], mbs, partial(loss_func, self.ctx), self._seq_len(), forward_only=True)
+            for start in range(0, len(mbs), chunk):
+                reports += run_schedule([self.t.model], mbs[start : start + chunk], partial(loss_func, self.ctx),
+                                        self._seq_len(), forward_only=True)
+                bar.update(round(len(ids) * min(start + chunk, len(mbs)) / len(mbs)) - bar.done)
+        bar.close()
         self.t.model.train()
         rec = reduce_report(reports, self.device)
         rec.update(step=step, split="eval")
@@ -357,9 +385,12 @@ class Run:
             return EXIT_OK
         _log(f"training {cfg.task} ({cfg.loss.type}, layout {cfg.data.layout}) from step {step} to "
              f"{cfg.train.max_steps}; {self.loader.steps_per_epoch} steps per epoch; world {self.info}")
+        t_start, first = time.perf_counter(), step
         while step < cfg.train.max_steps:
             rec = self.train_step(step)
             step += 1
+            elapsed = time.perf_counter() - t_start
+            rec.update(elapsed_s=elapsed, eta_s=(cfg.train.max_steps - step) * elapsed / (step - first))
             if not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])):
                 last = self.ckpt.latest()
                 _log(f"error: non-finite loss {rec['loss']} or grad norm {rec['grad_norm']} at step {step}; "
@@ -393,6 +424,33 @@ class Run:
             if self.log_rank:
                 print(f"eval  step {step}: loss {rec['loss']:.4f} | accuracy {rec.get('accuracy', float('nan')):.3f}"
                       f" | margin {rec.get('margin', float('nan')):.3f} | pairs {rec['pairs']:.0f}", flush=True)
+
+
+class _Tee:
+    """A text stream that also appends to a file (line-buffered, so a kill loses at most one line)."""
+
+    def __init__(self, stream, fh):
+        self.stream, self.fh = stream, fh
+
+    def write(self, text: str) -> int:
+        self.fh.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.fh.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def _tee_console(run_dir: str) -> None:
+    """Copy everything this process prints (stdout and stderr) into ``<run_dir>/console.log``."""
+    if isinstance(sys.stdout, _Tee):
+        return
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    fh = open(Path(run_dir) / "console.log", "a", buffering=1)  # noqa: SIM115 (open for the process)
+    sys.stdout, sys.stderr = _Tee(sys.stdout, fh), _Tee(sys.stderr, fh)
 
 
 def _allsum(value: float, device: torch.device) -> float:
