@@ -26,6 +26,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_prefix.config import ConfigError, apply_overrides, collect_errors, dump_yaml, from_dict, load_yaml
 from megatron_prefix.data.dataset import PreferenceDataset
+from megatron_prefix.faults import fault_point
 from megatron_prefix.model.config import ModelConfig
 from megatron_prefix.parallel import init_parallel, seed_everything
 from megatron_prefix.planning.search import check_fit
@@ -33,6 +34,7 @@ from megatron_prefix.progress import Progress
 from megatron_prefix.training import flops
 from megatron_prefix.training.checkpoint import CheckpointError, CheckpointManager, load_sharded, resolve
 from megatron_prefix.training.config import TrainConfig
+from megatron_prefix.training.failure import describe, fail
 from megatron_prefix.training.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR
 from megatron_prefix.training.loader import StepLoader, eval_rows
 from megatron_prefix.training.metrics import MetricsLogger, console_line
@@ -120,6 +122,7 @@ class Run:
         self.ckpt = CheckpointManager(cfg.checkpoint, log=_log)
         self.resume_path, self.load_path = start_points(self.ckpt, cfg.checkpoint.load, _log)
         self._fix_vocab()
+        fault_point("setup", 0)  # test hook: an error on one rank only (MEGATRON_PREFIX_FAULT_RANK)
         self._record_run()
         self.train_ids, self.eval_ids = self.dataset.split_ids(cfg.data.eval_fraction, cfg.data.seed)
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -472,10 +475,15 @@ def _model_fields(saved: dict) -> dict:
 
 
 def main(argv: list[str], task: str) -> int:
-    """Entry point: returns the process exit code."""
+    """Entry point: returns the process exit code.
+
+    Errors are printed once for the whole job and end every rank (``training.failure``): a user's mistake
+    (config, data, checkpoint: ``ValueError`` / ``CheckpointError``) as its message, exit 2; anything else
+    with its traceback (a bug), exit 1."""
     try:
         cfg = parse_config(argv, task)
         run = Run(cfg)
+        code = run.run()
     except _PrintedConfig:
         return EXIT_OK
     except PreemptedExit:
@@ -483,15 +491,14 @@ def main(argv: list[str], task: str) -> int:
             dist.barrier()
         return EXIT_PREEMPTED
     except CheckpointError as err:
-        print(f"train_{task}: checkpoint error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return fail(f"train_{task}: checkpoint error: {err}", EXIT_USER_ERROR, user_error=True)
     except ValueError as err:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            lines = str(err).splitlines() or [repr(err)]
-            head = "config error" if len(lines) == 1 else f"{len(lines)} config errors"
-            print(f"train_{task}: {head}:", *(f"  {line}" for line in lines), sep="\n", file=sys.stderr)
-        return EXIT_USER_ERROR
-    code = run.run()
+        lines = str(err).splitlines() or [repr(err)]
+        head = "config error" if len(lines) == 1 else f"{len(lines)} config errors"
+        return fail("\n".join([f"train_{task}: {head}:", *(f"  {line}" for line in lines)]), EXIT_USER_ERROR,
+                    user_error=True)
+    except Exception as err:  # noqa: BLE001 (a bug: its traceback, once, and every rank ends)
+        return fail(f"train_{task}: internal error (please report):\n{describe(err)}", 1, user_error=False)
     if dist.is_initialized():
         dist.barrier()
     run.ckpt.close()  # release checkpoint.dir/.lock (also done at exit)
