@@ -95,6 +95,13 @@ def _leave(code: int) -> None:
     os._exit(code)
 
 
+def user_message(task: str, err: BaseException) -> str:
+    """A user's mistake (``ValueError``, ``ConfigError``: one line per error) as the launcher prints it."""
+    lines = str(err).splitlines() or [repr(err)]
+    head = "config error" if len(lines) == 1 else f"{len(lines)} config errors"
+    return "\n".join([f"train_{task}: {head}:", *(f"  {line}" for line in lines)])
+
+
 def describe(err: BaseException) -> str:
     """A non-user error: its traceback (a bug to report), as text."""
     return "".join(traceback.format_exception(type(err), err, err.__traceback__)).rstrip()

@@ -11,7 +11,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -24,18 +23,18 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_prefix.config import ConfigError, apply_overrides, collect_errors, dump_yaml, from_dict, load_yaml
+from megatron_prefix.config import collect_errors, dump_yaml
 from megatron_prefix.data.dataset import PreferenceDataset
 from megatron_prefix.faults import fault_point
 from megatron_prefix.model.config import ModelConfig
 from megatron_prefix.parallel import init_parallel, seed_everything
-from megatron_prefix.planning.search import check_fit
 from megatron_prefix.progress import Progress
 from megatron_prefix.training import flops
 from megatron_prefix.training.checkpoint import CheckpointError, CheckpointManager, load_sharded, resolve
+from megatron_prefix.training.cli import _PrintedConfig, parse_config  # noqa: F401 - re-exported
 from megatron_prefix.training.config import TrainConfig
-from megatron_prefix.training.failure import describe, fail
 from megatron_prefix.training.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR
+from megatron_prefix.training.failure import describe, fail, user_message
 from megatron_prefix.training.loader import StepLoader, eval_rows
 from megatron_prefix.training.metrics import MetricsLogger, console_line
 from megatron_prefix.training.reference import (
@@ -48,50 +47,6 @@ from megatron_prefix.training.step import (
     StepContext, attach_plans, logprob_collector, loss_func, make_microbatches, reduce_report, response_positions,
     run_schedule,
 )
-
-
-def parse_config(argv: list[str], task: str) -> TrainConfig:
-    """``--config FILE`` plus ``a.b=c`` overrides -> a validated ``TrainConfig`` for this world and device.
-
-    Raises ``ConfigError`` listing every error of the recipe (wrong types and broken rules) at once."""
-    ap = argparse.ArgumentParser(prog=f"train_{task}", description=__doc__)
-    ap.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 parallel.tp=2")
-    ap.add_argument("--print-config", action="store_true",
-                    help="print the resolved, validated config as YAML and exit (nothing is built)")
-    args = ap.parse_args(argv)
-    data = load_yaml(args.config)
-    apply_overrides(data, args.overrides)
-    if data.setdefault("task", task) != task:
-        raise ValueError(f"task: the recipe says {data['task']!r} but this launcher trains {task!r}")
-    hf = (data.get("model") or {}).pop("hf_config", None)
-    explicit = set(data.get("model") or {})
-    errors: list[str] = []
-    cfg = from_dict(TrainConfig, data, errors=errors)  # wrong types are reported, the field keeps its default
-    if hf:
-        cfg.model = ModelConfig.from_hf_config(hf)
-    cfg.model_source = hf  # not a dataclass field: where the architecture came from (None: the recipe)
-    cfg.model_keys = None if hf else explicit  # not a field: the model keys the recipe set (None: all)
-    if not errors:  # the planner refuses a layout that cannot fit (GPU memory, else cluster.gpu_mem_gb)
-        gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
-        check_fit(cfg, cfg.model, int(os.environ.get("WORLD_SIZE", "1")), gpu_gib)
-    try:  # every error of the recipe at once: types first, then the rules
-        with collect_errors():
-            cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")), cuda=torch.cuda.is_available())
-    except ConfigError as err:
-        errors += [m for m in err.messages if m.split(":", 1)[0] not in {e.split(":", 1)[0] for e in errors}]
-    if not args.print_config:  # a logger asked for without its package: the install command, before any build
-        errors += cfg.logging.missing_packages()
-    if errors:
-        raise ConfigError(errors)
-    if args.print_config:
-        print(dump_yaml(cfg), end="")
-        raise _PrintedConfig
-    return cfg
-
-
-class _PrintedConfig(Exception):
-    """``--print-config`` printed the config: exit 0 without building anything."""
 
 
 def _is_rank0() -> bool:
@@ -475,17 +430,21 @@ def _model_fields(saved: dict) -> dict:
 
 
 def main(argv: list[str], task: str) -> int:
-    """Entry point: returns the process exit code.
+    """Entry point (``training.cli.main``: the config is parsed before megatron is imported)."""
+    from megatron_prefix.training.cli import main as cli_main
+
+    return cli_main(argv, task)
+
+
+def run_config(cfg: TrainConfig, task: str) -> int:
+    """Train with a parsed config; returns the process exit code.
 
     Errors are printed once for the whole job and end every rank (``training.failure``): a user's mistake
     (config, data, checkpoint: ``ValueError`` / ``CheckpointError``) as its message, exit 2; anything else
     with its traceback (a bug), exit 1."""
     try:
-        cfg = parse_config(argv, task)
         run = Run(cfg)
         code = run.run()
-    except _PrintedConfig:
-        return EXIT_OK
     except PreemptedExit:
         if dist.is_initialized():
             dist.barrier()
@@ -493,10 +452,7 @@ def main(argv: list[str], task: str) -> int:
     except CheckpointError as err:
         return fail(f"train_{task}: checkpoint error: {err}", EXIT_USER_ERROR, user_error=True)
     except ValueError as err:
-        lines = str(err).splitlines() or [repr(err)]
-        head = "config error" if len(lines) == 1 else f"{len(lines)} config errors"
-        return fail("\n".join([f"train_{task}: {head}:", *(f"  {line}" for line in lines)]), EXIT_USER_ERROR,
-                    user_error=True)
+        return fail(user_message(task, err), EXIT_USER_ERROR, user_error=True)
     except Exception as err:  # noqa: BLE001 (a bug: its traceback, once, and every rank ends)
         return fail(f"train_{task}: internal error (please report):\n{describe(err)}", 1, user_error=False)
     if dist.is_initialized():
