@@ -142,6 +142,16 @@ class Run:
                     f"the model ({fixed or 'hf_config'}) has {model_cfg.vocab_size}; rebuild the "
                     "dataset with the model's tokenizer"
                 )
+        elif "vocab_size" in (getattr(self.cfg, "model_keys", None) or ()) and model_cfg.vocab_size != data_vocab:
+            # the recipe set it: never replaced silently; larger is padding (kept, said), smaller is refused
+            if model_cfg.vocab_size < data_vocab:
+                raise ValueError(
+                    f"model.vocab_size: the recipe sets {model_cfg.vocab_size} but the tokenizer of the dataset "
+                    f"{self.dataset.path} has {data_vocab} ids; remove model.vocab_size (it then follows the "
+                    f"dataset) or set it >= {data_vocab}"
+                )
+            _log(f"model.vocab_size: {model_cfg.vocab_size} as the recipe sets (the dataset's tokenizer has "
+                 f"{data_vocab} ids; the rows above are padding)")
         else:
             model_cfg = replace(model_cfg, vocab_size=data_vocab)
         # the checkpoint whose weights this run loads: its own latest (resume), else checkpoint.load
