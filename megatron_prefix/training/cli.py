@@ -59,6 +59,10 @@ def parse_config(argv: list[str], task: str) -> TrainConfig:
     explicit = set(data.get("model") or {})
     errors: list[str] = []
     cfg = from_dict(TrainConfig, data, errors=errors)  # wrong types are reported, the field keeps its default
+    if "params_dtype" in explicit:  # one dtype per run: train.dtype (model.params_dtype is the converters')
+        errors.append(f"model.params_dtype: a training recipe sets the dtype with train.dtype (auto: bfloat16 on "
+                      f"GPU, float32 on CPU); remove model.params_dtype and set train.dtype="
+                      f"{data['model']['params_dtype']} instead")
     if hf:
         cfg.model = ModelConfig.from_hf_config(hf)
     cfg.model_source = hf  # not a dataclass field: where the architecture came from (None: the recipe)
