@@ -16,7 +16,7 @@ warnings.filterwarnings("ignore", message=r".*cuda_graph_scope.*")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_prefix.training.runner import main  # noqa: E402
+from megatron_prefix.training.cli import main  # noqa: E402 - parses the recipe before megatron is imported
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], task="rm"))

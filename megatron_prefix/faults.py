@@ -5,7 +5,10 @@ group when this process leads it, as a scheduler kills a job, so megatron's help
 ``term`` (SIGTERM to this process: a preemption notice), fired when ``fault_point(where, n)`` is reached.
 Points: ``save:STEP`` (checkpoint shards written, nothing renamed), ``metrics_rewrite:STEP`` (the trimmed
 metrics file written, not yet renamed), ``precompute:CHUNK`` (reference chunk CHUNK computed, not yet
-saved), ``build:0`` (dataset built in its temporary folder, not yet renamed). Unset: no effect.
+saved), ``build:0`` (dataset built in its temporary folder, not yet renamed), ``setup:0`` (a training run's
+dataset and checkpoints opened, before the model is built). Action ``error``: raise a ``ValueError`` (as a
+data error would). ``MEGATRON_PREFIX_FAULT_RANK=R``: fire on global rank ``R`` only (``RANK``). Unset: no
+effect.
 
 Pure Python: no torch, no megatron.
 """
@@ -23,6 +26,12 @@ def fault_point(where: str, n: int) -> None:
     fault = os.environ.get(ENV, "")
     if not fault:
         return
+    only = os.environ.get(ENV + "_RANK")
+    if only is not None and only != os.environ.get("RANK", "0"):
+        return
+    if fault == f"error_in_{where}:{n}":
+        on = "" if only is None else f" on rank {only}"
+        raise ValueError(f"injected fault at {where}:{n}{on} ({ENV})")
     if fault == f"kill_in_{where}:{n}":
         if os.getpgrp() == os.getpid():
             os.killpg(os.getpgrp(), signal.SIGKILL)

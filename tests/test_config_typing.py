@@ -139,3 +139,22 @@ def test_plot_metrics_draws_lr_grad_norm_and_throughput(tmp_path):
     out = tmp_path / "curves.png"
     plot({"run": recs}, out)
     assert out.stat().st_size > 10_000
+
+
+def test_config_error_is_reported_before_megatron_is_imported():
+    code = ("import sys; from megatron_prefix.training.cli import main; "
+            "rc = main(['--config', 'configs/demo-cpu.yaml', 'optimizer.lr=abc'], 'dpo'); "
+            "print('rc', rc, 'megatron imported:', any(m.split('.')[0] == 'megatron' for m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "rc 2 megatron imported: False" in proc.stdout, proc.stdout + proc.stderr
+    assert "optimizer.lr: expected a float, got 'abc'" in proc.stderr
+
+
+def test_model_params_dtype_in_a_recipe_is_refused_for_train_dtype():
+    from megatron_prefix.config import ConfigError
+    from megatron_prefix.training.cli import parse_config
+
+    with pytest.raises(ConfigError) as err:
+        parse_config(["--config", str(ROOT / "configs" / "demo-cpu.yaml"), "model.params_dtype=bfloat16"], "dpo")
+    assert "model.params_dtype: a training recipe sets the dtype with train.dtype" in str(err.value)
+    assert "train.dtype=bfloat16 instead" in str(err.value)

@@ -7,10 +7,12 @@ same layout is bitwise identical.
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 
 import pytest
+import yaml
 
 from megatron_prefix.training.checkpoint import LATEST
 from megatron_prefix.training.config import TrainConfig
@@ -26,8 +28,20 @@ def data(tmp_path_factory):
 
 
 def test_shared_and_unshared_layouts_give_the_same_training(tmp_path, data):
-    recipe = th.write_recipe(tmp_path / "r.yaml", data, tmp_path / "shared", train={"max_steps": 20})
-    th.train(recipe)
+    recipe = th.write_recipe(tmp_path / "r.yaml", data, tmp_path / "shared", train={"max_steps": 20, "eval_interval": 10},
+                             data={"eval_fraction": 0.2, "eval_units": 16})
+    out = th.train(recipe)
+    # progress: the training lines have elapsed time and ETA, evaluation and the reference precompute a
+    # progress line (no terminal here); the run directory keeps the console and the resolved config
+    assert "step    20/20 |" in out and "| elapsed " in out and "| eta 0:00" in out
+    assert "eval step 10: 16/16 units (100%) | elapsed" in out
+    assert "reference: " in out and " units (100%) | elapsed" in out
+    console = (tmp_path / "shared" / "console.log").read_text()
+    assert "step    20/20 |" in console and "eval step 20: 16/16 units" in console
+    resolved = yaml.safe_load((tmp_path / "shared" / "config.yaml").read_text())
+    assert resolved["train"]["max_steps"] == 20 and resolved["data"]["layout"] == "shared"
+    meta = json.loads((data / "meta.json").read_text())
+    assert resolved["model"]["vocab_size"] == meta["tokenizer"]["vocab_size"]  # as built, not the recipe's
     th.train(recipe, ["data.layout=unshared", f"checkpoint.dir={tmp_path / 'unshared'}"])
     shared, unshared = th.metrics(tmp_path / "shared"), th.metrics(tmp_path / "unshared")
     assert len(shared) == len(unshared) == 20

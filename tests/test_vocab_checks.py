@@ -115,3 +115,13 @@ def test_resume_and_load_refuse_a_wider_dataset(tmp_path):
 
     cfg = json.loads((convert_mcore_to_hf(run, tmp_path / "hf", progress=False) / "config.json").read_text())
     assert (cfg["eos_token_id"], cfg["pad_token_id"], "bos_token_id" in cfg) == (256, 257, False)
+
+
+def test_recipe_vocab_size_smaller_than_the_dataset_is_refused(tmp_path):
+    """A recipe's model.vocab_size is never replaced silently by the dataset's (issue 12)."""
+    data = _build(tmp_path)
+    recipe = th.write_recipe(tmp_path / "r.yaml", data, tmp_path / "run", model=dict(th.TINY_MODEL, vocab_size=100),
+                             data={"pack_tokens": 256})
+    out = th.train(recipe, [], expect_rc=2)
+    assert "model.vocab_size: the recipe sets 100 but the tokenizer of the dataset" in out and "258 ids" in out
+    assert "Traceback" not in out

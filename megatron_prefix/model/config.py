@@ -76,7 +76,7 @@ class ModelConfig:
     qkv_bias: bool = False
     tie_word_embeddings: bool = False
     init_method_std: float = 0.02
-    params_dtype: str = "float32"
+    params_dtype: str = "float32"  # converters and tools; a training recipe uses train.dtype (refused here)
 
     def __post_init__(self) -> None:
         if self.rope_scaling is None:  # ``rope_scaling: null`` in YAML

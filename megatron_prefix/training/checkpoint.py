@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +43,9 @@ from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel import random as mcore_random
 
 from megatron_prefix.compat.safe_metadata import install_safe_metadata_reader
-from megatron_prefix.config import require
 from megatron_prefix.faults import fault_point
 from megatron_prefix.locks import DirLock
+from megatron_prefix.training.checkpoint_config import CheckpointConfig  # also the public name here
 from megatron_prefix.training.manifest import (  # noqa: F401 - re-exported: the checkpoint API in one place
     _ITER,
     LATEST,
@@ -63,25 +62,6 @@ from megatron_prefix.training.manifest import (  # noqa: F401 - re-exported: the
 LOCK_FILE = ".lock"
 
 EXTRA_STATE = "._extra_state"  # Transformer Engine modules' FP8 metadata (megatron's local modules: None)
-
-
-@dataclass
-class CheckpointConfig:
-    """``checkpoint.*``: where to save, how often, how many to keep, what to start from."""
-
-    dir: str = "out/run"
-    interval: int = 0  # save every N steps (0: only at the end and on preemption)
-    keep_last: int = 2
-    load: str | None = None  # a checkpoint dir (or a run dir with `latest`) to start from
-    load_optimizer: bool = True  # False: weights only (fine-tuning from a converted checkpoint)
-    save_at_end: bool = True
-    # resume from this checkpoint of `dir` (e.g. iter_0000002) while the one `latest` names is unreadable
-    resume_from: str | None = None
-
-    def validate(self) -> None:
-        require(bool(self.dir), "checkpoint.dir", "must be set")
-        require(self.interval >= 0, "checkpoint.interval", f"must be >= 0, got {self.interval}")
-        require(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
 
 
 def _rank() -> int:

@@ -18,7 +18,7 @@ from megatron_prefix.losses.config import NO_REFERENCE
 from megatron_prefix.losses.registry import LossConfig
 from megatron_prefix.model.config import ModelConfig
 from megatron_prefix.planning.cluster import ClusterConfig
-from megatron_prefix.training.checkpoint import CheckpointConfig
+from megatron_prefix.training.checkpoint_config import CheckpointConfig
 from megatron_prefix.training.metrics import LoggingConfig
 
 TASKS = ("dpo", "rm")

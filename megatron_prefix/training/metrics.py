@@ -135,4 +135,8 @@ def console_line(rec: dict, max_steps: int) -> str:
     ):
         if key in rec and isinstance(rec[key], (int, float)):
             parts.append(f"{key} {rec[key]:{fmt}}")
+    if "elapsed_s" in rec:  # wall time since this process's first step, and the time left at that pace
+        from megatron_prefix.progress import format_duration
+
+        parts.append(f"elapsed {format_duration(rec['elapsed_s'])} | eta {format_duration(rec.get('eta_s', -1))}")
     return " | ".join(parts)

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from megatron_prefix.data.dataset import PreferenceDataset
 from megatron_prefix.faults import fault_point
 from megatron_prefix.model.batch import MicroBatch
+from megatron_prefix.progress import Progress
 
 CHUNK_ROWS = 32  # rows per DP rank between progress saves
 
@@ -148,6 +149,7 @@ def precompute(
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     log(f"reference: computing log-probs of {len(pending)} units into {cache.root}")
     dp_size = _dp_world()
+    bar = Progress(len(pending), "reference", unit="units", enabled=rank0, log=log)
     step = CHUNK_ROWS * dp_size * 8  # units per chunk, all ranks together (rough: several units per row)
     step = int(os.environ.get("MEGATRON_PREFIX_REFERENCE_CHUNK_UNITS", step))  # test hook: small chunks
     for number, start in enumerate(range(0, len(pending), step), 1):
@@ -172,11 +174,14 @@ def precompute(
             cache.save_progress(logps, done)
         if dist.is_initialized():
             dist.barrier()
+        bar.update(len(chunk))
         if stop is not None and start + step < len(pending) and stop():
             left = len(pending) - min(start + step, len(pending))
             log(f"reference: preempted: progress saved in {cache.root} ({left} of {len(done)} units left); "
                 "rerun the same command to resume the precompute")
+            bar.close()
             return False
+    bar.close()
     if rank0 and not done.all():
         raise RuntimeError(f"reference: {int((~done).sum())} units were not computed; rerun to resume")
     return True

@@ -11,7 +11,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -24,15 +23,18 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_prefix.config import ConfigError, apply_overrides, collect_errors, dump_yaml, from_dict, load_yaml
+from megatron_prefix.config import collect_errors, dump_yaml
 from megatron_prefix.data.dataset import PreferenceDataset
+from megatron_prefix.faults import fault_point
 from megatron_prefix.model.config import ModelConfig
 from megatron_prefix.parallel import init_parallel, seed_everything
-from megatron_prefix.planning.search import check_fit
+from megatron_prefix.progress import Progress
 from megatron_prefix.training import flops
 from megatron_prefix.training.checkpoint import CheckpointError, CheckpointManager, load_sharded, resolve
+from megatron_prefix.training.cli import _PrintedConfig, parse_config  # noqa: F401 - re-exported
 from megatron_prefix.training.config import TrainConfig
 from megatron_prefix.training.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR
+from megatron_prefix.training.failure import describe, fail, user_message
 from megatron_prefix.training.loader import StepLoader, eval_rows
 from megatron_prefix.training.metrics import MetricsLogger, console_line
 from megatron_prefix.training.reference import (
@@ -47,52 +49,12 @@ from megatron_prefix.training.step import (
 )
 
 
-def parse_config(argv: list[str], task: str) -> TrainConfig:
-    """``--config FILE`` plus ``a.b=c`` overrides -> a validated ``TrainConfig`` for this world and device.
-
-    Raises ``ConfigError`` listing every error of the recipe (wrong types and broken rules) at once."""
-    ap = argparse.ArgumentParser(prog=f"train_{task}", description=__doc__)
-    ap.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 parallel.tp=2")
-    ap.add_argument("--print-config", action="store_true",
-                    help="print the resolved, validated config as YAML and exit (nothing is built)")
-    args = ap.parse_args(argv)
-    data = load_yaml(args.config)
-    apply_overrides(data, args.overrides)
-    if data.setdefault("task", task) != task:
-        raise ValueError(f"task: the recipe says {data['task']!r} but this launcher trains {task!r}")
-    hf = (data.get("model") or {}).pop("hf_config", None)
-    explicit = set(data.get("model") or {})
-    errors: list[str] = []
-    cfg = from_dict(TrainConfig, data, errors=errors)  # wrong types are reported, the field keeps its default
-    if hf:
-        cfg.model = ModelConfig.from_hf_config(hf)
-    cfg.model_source = hf  # not a dataclass field: where the architecture came from (None: the recipe)
-    cfg.model_keys = None if hf else explicit  # not a field: the model keys the recipe set (None: all)
-    if not errors:  # the planner refuses a layout that cannot fit (GPU memory, else cluster.gpu_mem_gb)
-        gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
-        check_fit(cfg, cfg.model, int(os.environ.get("WORLD_SIZE", "1")), gpu_gib)
-    try:  # every error of the recipe at once: types first, then the rules
-        with collect_errors():
-            cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")), cuda=torch.cuda.is_available())
-    except ConfigError as err:
-        errors += [m for m in err.messages if m.split(":", 1)[0] not in {e.split(":", 1)[0] for e in errors}]
-    if not args.print_config:  # a logger asked for without its package: the install command, before any build
-        errors += cfg.logging.missing_packages()
-    if errors:
-        raise ConfigError(errors)
-    if args.print_config:
-        print(dump_yaml(cfg), end="")
-        raise _PrintedConfig
-    return cfg
-
-
-class _PrintedConfig(Exception):
-    """``--print-config`` printed the config: exit 0 without building anything."""
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _log(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if _is_rank0():
         print(msg, flush=True)
 
 
@@ -110,9 +72,13 @@ class Run:
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         self.dataset = PreferenceDataset(cfg.data.path, cfg.data.layout)
         _Preempted.install()  # from here on a preemption notice is honoured (precompute included)
+        if _is_rank0():
+            _tee_console(cfg.checkpoint.dir)
         self.ckpt = CheckpointManager(cfg.checkpoint, log=_log)
         self.resume_path, self.load_path = start_points(self.ckpt, cfg.checkpoint.load, _log)
         self._fix_vocab()
+        fault_point("setup", 0)  # test hook: an error on one rank only (MEGATRON_PREFIX_FAULT_RANK)
+        self._record_run()
         self.train_ids, self.eval_ids = self.dataset.split_ids(cfg.data.eval_fraction, cfg.data.seed)
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.loader = StepLoader(self.dataset, self.train_ids, cfg.data.batch_config(), dp_rank, dp_size)
@@ -135,6 +101,19 @@ class Run:
             and ps.get_context_parallel_rank() == 0
         self.metrics = MetricsLogger(cfg.checkpoint.dir, cfg.logging, enabled=self.log_rank,
                                      resume_step=self.start_step)
+        if self.log_rank and not _is_rank0():
+            _tee_console(cfg.checkpoint.dir)  # the training lines come from the last stage
+
+    def _record_run(self) -> None:
+        """Rank 0: tee the console into ``<checkpoint.dir>/console.log`` (appended across restarts) and
+        write the resolved config (vocabulary fixed) to ``<checkpoint.dir>/config.yaml``."""
+        if not _is_rank0():
+            return
+        run_dir = Path(self.cfg.checkpoint.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(dump_yaml(self.cfg))
+        os.replace(tmp, run_dir / "config.yaml")
 
     # ---------------------------------------------------------------- setup helpers
 
@@ -163,6 +142,16 @@ class Run:
                     f"the model ({fixed or 'hf_config'}) has {model_cfg.vocab_size}; rebuild the "
                     "dataset with the model's tokenizer"
                 )
+        elif "vocab_size" in (getattr(self.cfg, "model_keys", None) or ()) and model_cfg.vocab_size != data_vocab:
+            # the recipe set it: never replaced silently; larger is padding (kept, said), smaller is refused
+            if model_cfg.vocab_size < data_vocab:
+                raise ValueError(
+                    f"model.vocab_size: the recipe sets {model_cfg.vocab_size} but the tokenizer of the dataset "
+                    f"{self.dataset.path} has {data_vocab} ids; remove model.vocab_size (it then follows the "
+                    f"dataset) or set it >= {data_vocab}"
+                )
+            _log(f"model.vocab_size: {model_cfg.vocab_size} as the recipe sets (the dataset's tokenizer has "
+                 f"{data_vocab} ids; the rows above are padding)")
         else:
             model_cfg = replace(model_cfg, vocab_size=data_vocab)
         # the checkpoint whose weights this run loads: its own latest (resume), else checkpoint.load
@@ -337,8 +326,15 @@ class Run:
         self._attach_reference(mbs)
         self.t.model.eval()
         attach_plans(self.ctx, [self.t.model], mbs, self._seq_len())
+        bar = Progress(len(ids), f"eval step {step}", unit="units", enabled=_is_rank0(), log=_log)
+        reports: list = []
+        chunk = max(1, len(mbs) // 8)  # a few schedule calls, so the bar moves (equal counts on every rank)
         with torch.no_grad():
-            reports = run_schedule([self.t.model], mbs, partial(loss_func, self.ctx), self._seq_len(), forward_only=True)
+            for start in range(0, len(mbs), chunk):
+                reports += run_schedule([self.t.model], mbs[start : start + chunk], partial(loss_func, self.ctx),
+                                        self._seq_len(), forward_only=True)
+                bar.update(round(len(ids) * min(start + chunk, len(mbs)) / len(mbs)) - bar.done)
+        bar.close()
         self.t.model.train()
         rec = reduce_report(reports, self.device)
         rec.update(step=step, split="eval")
@@ -357,9 +353,12 @@ class Run:
             return EXIT_OK
         _log(f"training {cfg.task} ({cfg.loss.type}, layout {cfg.data.layout}) from step {step} to "
              f"{cfg.train.max_steps}; {self.loader.steps_per_epoch} steps per epoch; world {self.info}")
+        t_start, first = time.perf_counter(), step
         while step < cfg.train.max_steps:
             rec = self.train_step(step)
             step += 1
+            elapsed = time.perf_counter() - t_start
+            rec.update(elapsed_s=elapsed, eta_s=(cfg.train.max_steps - step) * elapsed / (step - first))
             if not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])):
                 last = self.ckpt.latest()
                 _log(f"error: non-finite loss {rec['loss']} or grad norm {rec['grad_norm']} at step {step}; "
@@ -395,6 +394,33 @@ class Run:
                       f" | margin {rec.get('margin', float('nan')):.3f} | pairs {rec['pairs']:.0f}", flush=True)
 
 
+class _Tee:
+    """A text stream that also appends to a file (line-buffered, so a kill loses at most one line)."""
+
+    def __init__(self, stream, fh):
+        self.stream, self.fh = stream, fh
+
+    def write(self, text: str) -> int:
+        self.fh.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.fh.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def _tee_console(run_dir: str) -> None:
+    """Copy everything this process prints (stdout and stderr) into ``<run_dir>/console.log``."""
+    if isinstance(sys.stdout, _Tee):
+        return
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    fh = open(Path(run_dir) / "console.log", "a", buffering=1)  # noqa: SIM115 (open for the process)
+    sys.stdout, sys.stderr = _Tee(sys.stdout, fh), _Tee(sys.stderr, fh)
+
+
 def _allsum(value: float, device: torch.device) -> float:
     if not dist.is_initialized():
         return float(value)
@@ -414,26 +440,31 @@ def _model_fields(saved: dict) -> dict:
 
 
 def main(argv: list[str], task: str) -> int:
-    """Entry point: returns the process exit code."""
+    """Entry point (``training.cli.main``: the config is parsed before megatron is imported)."""
+    from megatron_prefix.training.cli import main as cli_main
+
+    return cli_main(argv, task)
+
+
+def run_config(cfg: TrainConfig, task: str) -> int:
+    """Train with a parsed config; returns the process exit code.
+
+    Errors are printed once for the whole job and end every rank (``training.failure``): a user's mistake
+    (config, data, checkpoint: ``ValueError`` / ``CheckpointError``) as its message, exit 2; anything else
+    with its traceback (a bug), exit 1."""
     try:
-        cfg = parse_config(argv, task)
         run = Run(cfg)
-    except _PrintedConfig:
-        return EXIT_OK
+        code = run.run()
     except PreemptedExit:
         if dist.is_initialized():
             dist.barrier()
         return EXIT_PREEMPTED
     except CheckpointError as err:
-        print(f"train_{task}: checkpoint error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return fail(f"train_{task}: checkpoint error: {err}", EXIT_USER_ERROR, user_error=True)
     except ValueError as err:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            lines = str(err).splitlines() or [repr(err)]
-            head = "config error" if len(lines) == 1 else f"{len(lines)} config errors"
-            print(f"train_{task}: {head}:", *(f"  {line}" for line in lines), sep="\n", file=sys.stderr)
-        return EXIT_USER_ERROR
-    code = run.run()
+        return fail(user_message(task, err), EXIT_USER_ERROR, user_error=True)
+    except Exception as err:  # noqa: BLE001 (a bug: its traceback, once, and every rank ends)
+        return fail(f"train_{task}: internal error (please report):\n{describe(err)}", 1, user_error=False)
     if dist.is_initialized():
         dist.barrier()
     run.ckpt.close()  # release checkpoint.dir/.lock (also done at exit)
