@@ -158,3 +158,11 @@ def test_model_params_dtype_in_a_recipe_is_refused_for_train_dtype():
         parse_config(["--config", str(ROOT / "configs" / "demo-cpu.yaml"), "model.params_dtype=bfloat16"], "dpo")
     assert "model.params_dtype: a training recipe sets the dtype with train.dtype" in str(err.value)
     assert "train.dtype=bfloat16 instead" in str(err.value)
+
+
+def test_cpu_device_on_a_cuda_host_is_refused_not_half_honoured():
+    cfg = from_dict(TrainConfig, apply_overrides({}, ["data.path=x", "train.device=cpu"]))
+    with pytest.raises(ConfigError) as err, collect_errors():
+        cfg.validate(world_size=1, cuda=True)
+    assert any(m.startswith("train.device:") and "CUDA_VISIBLE_DEVICES=" in m for m in err.value.messages)
+    cfg.validate(world_size=1, cuda=False)  # the same recipe is fine where no GPU is visible

@@ -189,6 +189,11 @@ class TrainConfig:
                     "must be divisible by tp*2*cp with sequence parallelism")
         device = self.train.device if self.train.device != "auto" else ("cuda" if cuda else "cpu")
         require(device == "cpu" or cuda, "train.device", "cuda requested but CUDA is not available")
+        # megatron builds weights and picks its CPU accommodations from CUDA being visible, not from this
+        # field: rather than train half on the GPU, refuse and say how to train on CPU on a GPU host
+        require(not (self.train.device == "cpu" and cuda), "train.device",
+                "cpu on a host with visible GPUs is not supported (megatron would still place weights on "
+                "the GPU); hide them instead: CUDA_VISIBLE_DEVICES= python launch/train_dpo.py ...")
         # backend x device x dtype x cp, asked of the attention-backend registry (names the field)
         attention_registry.check(self.attention, device=device, dtype=self.resolved_dtype(cuda), cp=p.cp,
                                  backward=True)
