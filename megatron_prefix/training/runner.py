@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -26,13 +25,13 @@ from megatron.core import parallel_state as ps
 from megatron_prefix.config import collect_errors, dump_yaml
 from megatron_prefix.data.dataset import PreferenceDataset
 from megatron_prefix.faults import fault_point
-from megatron_prefix.model.config import ModelConfig
 from megatron_prefix.parallel import init_parallel, seed_everything
 from megatron_prefix.progress import Progress
 from megatron_prefix.training import flops
 from megatron_prefix.training.checkpoint import CheckpointError, CheckpointManager, load_sharded, resolve
 from megatron_prefix.training.cli import _PrintedConfig, parse_config  # noqa: F401 - re-exported
 from megatron_prefix.training.config import TrainConfig
+from megatron_prefix.training.console import tee_console
 from megatron_prefix.training.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR
 from megatron_prefix.training.failure import describe, fail, user_message
 from megatron_prefix.training.loader import StepLoader, eval_rows
@@ -40,9 +39,10 @@ from megatron_prefix.training.metrics import MetricsLogger, console_line
 from megatron_prefix.training.reference import (
     ReferenceCache, checkpoint_fingerprint, key_digest, precompute, reference_key,
 )
-from megatron_prefix.training.resume import check_model, start_points
+from megatron_prefix.training.resume import start_points
 from megatron_prefix.training.setup import build_stage, build_trainable, check_loaded_keys, load_state, sharded_state
 from megatron_prefix.training.signals import PreemptedExit, _agree, _Preempted
+from megatron_prefix.training.vocab import resolve_model_config
 from megatron_prefix.training.step import (
     StepContext, attach_plans, logprob_collector, loss_func, make_microbatches, reduce_report, response_positions,
     run_schedule,
@@ -73,7 +73,7 @@ class Run:
         self.dataset = PreferenceDataset(cfg.data.path, cfg.data.layout)
         _Preempted.install()  # from here on a preemption notice is honoured (precompute included)
         if _is_rank0():
-            _tee_console(cfg.checkpoint.dir)
+            tee_console(cfg.checkpoint.dir)
         self.ckpt = CheckpointManager(cfg.checkpoint, log=_log)
         self.resume_path, self.load_path = start_points(self.ckpt, cfg.checkpoint.load, _log)
         self._fix_vocab()
@@ -102,7 +102,7 @@ class Run:
         self.metrics = MetricsLogger(cfg.checkpoint.dir, cfg.logging, enabled=self.log_rank,
                                      resume_step=self.start_step)
         if self.log_rank and not _is_rank0():
-            _tee_console(cfg.checkpoint.dir)  # the training lines come from the last stage
+            tee_console(cfg.checkpoint.dir)  # the training lines come from the last stage
 
     def _record_run(self) -> None:
         """Rank 0: tee the console into ``<checkpoint.dir>/console.log`` (appended across restarts) and
@@ -118,54 +118,10 @@ class Run:
     # ---------------------------------------------------------------- setup helpers
 
     def _fix_vocab(self) -> None:
-        """The dataset's tokenizer decides the vocabulary unless an HF config or checkpoint fixes it; the
-        dataset's token ids must fit the model that will be loaded, at start and on resume
-        (``training.vocab``)."""
-        from megatron_prefix.training.vocab import check_token_ids, tokenizer_mismatch
-
-        data_vocab = int(self.dataset.tokenizer_info["vocab_size"])
-        fixed = self.cfg.checkpoint.load and resolve(self.cfg.checkpoint.load)
-        model_cfg = self.cfg.model
-        if self.resume_path is not None:
-            check_model(CheckpointManager.read_train_state(self.resume_path).get("model"), model_cfg,
-                        f"checkpoint {self.resume_path} (checkpoint.dir, resumed)", resume=True, only=None)
-        elif fixed:
-            saved = CheckpointManager.read_train_state(fixed).get("model")
-            check_model(saved, model_cfg, f"checkpoint {fixed} (checkpoint.load)", resume=False,
-                        only=getattr(self.cfg, "model_keys", None))
-            if saved:
-                model_cfg = ModelConfig(**{**asdict(model_cfg), **_model_fields(saved)})
-        if fixed or self._from_hf():
-            if data_vocab > model_cfg.vocab_size:
-                raise ValueError(
-                    f"model.vocab_size: the tokenizer of the dataset {self.dataset.path} has {data_vocab} ids but "
-                    f"the model ({fixed or 'hf_config'}) has {model_cfg.vocab_size}; rebuild the "
-                    "dataset with the model's tokenizer"
-                )
-        elif "vocab_size" in (getattr(self.cfg, "model_keys", None) or ()) and model_cfg.vocab_size != data_vocab:
-            # the recipe set it: never replaced silently; larger is padding (kept, said), smaller is refused
-            if model_cfg.vocab_size < data_vocab:
-                raise ValueError(
-                    f"model.vocab_size: the recipe sets {model_cfg.vocab_size} but the tokenizer of the dataset "
-                    f"{self.dataset.path} has {data_vocab} ids; remove model.vocab_size (it then follows the "
-                    f"dataset) or set it >= {data_vocab}"
-                )
-            _log(f"model.vocab_size: {model_cfg.vocab_size} as the recipe sets (the dataset's tokenizer has "
-                 f"{data_vocab} ids; the rows above are padding)")
-        else:
-            model_cfg = replace(model_cfg, vocab_size=data_vocab)
-        # the checkpoint whose weights this run loads: its own latest (resume), else checkpoint.load
-        loaded = self.ckpt.latest() or fixed
-        state = CheckpointManager.read_train_state(loaded) if loaded else {}
-        vocab = int((state.get("model") or {}).get("vocab_size", model_cfg.vocab_size))
-        source = f"model.hf_config {self.cfg.model_source}" if self._from_hf() else "the recipe"
-        check_token_ids(self.dataset, min(vocab, model_cfg.vocab_size),
-                        f"checkpoint {loaded} (vocab_size {vocab})" if loaded else source)
-        warning = tokenizer_mismatch(self.dataset, state.get("tokenizer"), str(loaded))
-        if warning:
-            _log(warning)
-        self.model_cfg = model_cfg
-        self.cfg.model = model_cfg  # train_state.json's config records the architecture actually built
+        """The model config this run builds: vocabulary and architecture checked against the dataset and
+        the checkpoint it resumes or loads (``training.vocab.resolve_model_config``)."""
+        self.model_cfg = resolve_model_config(self.cfg, self.dataset, self.resume_path, self.ckpt.latest(), _log)
+        self.cfg.model = self.model_cfg  # train_state.json's config records the architecture actually built
 
     def _from_hf(self) -> bool:
         return bool(getattr(self.cfg, "model_source", None))
@@ -394,49 +350,12 @@ class Run:
                       f" | margin {rec.get('margin', float('nan')):.3f} | pairs {rec['pairs']:.0f}", flush=True)
 
 
-class _Tee:
-    """A text stream that also appends to a file (line-buffered, so a kill loses at most one line)."""
-
-    def __init__(self, stream, fh):
-        self.stream, self.fh = stream, fh
-
-    def write(self, text: str) -> int:
-        self.fh.write(text)
-        return self.stream.write(text)
-
-    def flush(self) -> None:
-        self.fh.flush()
-        self.stream.flush()
-
-    def __getattr__(self, name: str):
-        return getattr(self.stream, name)
-
-
-def _tee_console(run_dir: str) -> None:
-    """Copy everything this process prints (stdout and stderr) into ``<run_dir>/console.log``."""
-    if isinstance(sys.stdout, _Tee):
-        return
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    fh = open(Path(run_dir) / "console.log", "a", buffering=1)  # noqa: SIM115 (open for the process)
-    sys.stdout, sys.stderr = _Tee(sys.stdout, fh), _Tee(sys.stderr, fh)
-
-
 def _allsum(value: float, device: torch.device) -> float:
     if not dist.is_initialized():
         return float(value)
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())
-
-
-def _model_fields(saved: dict) -> dict:
-    names = set(ModelConfig.__dataclass_fields__)
-    out = {k: v for k, v in saved.items() if k in names}
-    if isinstance(out.get("rope_scaling"), dict):
-        from megatron_prefix.model.config import RopeScaling
-
-        out["rope_scaling"] = RopeScaling(**out["rope_scaling"])
-    return out
 
 
 def main(argv: list[str], task: str) -> int:
