@@ -58,7 +58,7 @@ def test_demo_summary_speedup_ideal_and_accuracy():
     assert "make demo took 2.5 min" in text
     assert "2.00x measured (same 3 steps" in text
     assert "2.50x ideal" in text
-    assert "before 0.5 (chance" in text  # no eval at step 0: the baseline is stated
+    assert "before not measured (at step 0" in text  # no eval at step 0: the baseline is stated, not claimed
     assert "after  0.720 at step 4 of 4" in text
     assert "out/demo/curves.png" in text
     shared.append({"step": 0, "split": "eval", "accuracy": 0.0, "pairs": 50.0})

@@ -39,7 +39,7 @@ def summary(shared: list[dict], unshared: list[dict], plot: str, seconds: float 
         if evals[0]["step"] == 0:
             before = f"{evals[0]['accuracy']:.3f} at step 0"
         else:
-            before = "0.5 (chance: at step 0 the policy is the reference, every margin is 0)"
+            before = "not measured (at step 0 the policy is the reference: every margin is 0; chance is 0.5)"
         lines.append(f"  held-out accuracy ({last['pairs']:.0f} pairs): before {before}")
         lines.append(f"                                   after  {last['accuracy']:.3f} at step {last['step']}"
                      f" of {train_steps}")
