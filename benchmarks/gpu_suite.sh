@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu_suite.sh              # on the GPU machine: results under ${OUT:-benchmarks/results/gpu}
 #   bash benchmarks/gpu_suite.sh --rehearse   # the very same steps on CPU with tiny sizes (no nvidia-smi;
-#                                             # the current python / .venv); `make test` runs it
+#                                             # the current python / .venv; results under
+#                                             # ${OUT:-out/gpu_suite_rehearsal}); `make test` runs it
 #
 # The device image has python3 (3.12) with torch 2.11 (cu130), Triton, matplotlib, pytest; no flash-attn,
 # no Transformer Engine. megatron-core travels as wheels in .whl/ (git-ignored), fetched here with:
@@ -31,7 +32,8 @@ REHEARSE=0
 if [[ "${1:-}" == "--rehearse" ]]; then REHEARSE=1; elif [[ $# -gt 0 ]]; then
   echo "usage: bash benchmarks/gpu_suite.sh [--rehearse]" >&2; exit 2
 fi
-OUT_DIR=${OUT:-benchmarks/results/gpu}
+# a rehearsal's CPU numbers never land beside real results: its default folder is git-ignored
+if [[ $REHEARSE == 1 ]]; then OUT_DIR=${OUT:-out/gpu_suite_rehearsal}; else OUT_DIR=${OUT:-benchmarks/results/gpu}; fi
 RAW="$OUT_DIR/raw"
 mkdir -p "$RAW"
 STATUS="$RAW/status.tsv"
