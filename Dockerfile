@@ -29,7 +29,7 @@ WORKDIR /opt/megatron_prefix
 
 RUN pip install --no-deps "megatron-core==0.16.1"
 RUN pip install -c /etc/pip/constraint.txt \
-        "pyyaml" "sentencepiece" "tokenizers" "jinja2" "tqdm" "psutil" "safetensors" "pyarrow>=14"
+        "pyyaml" "sentencepiece" "tokenizers" "jinja2" "tqdm" "psutil" "safetensors" "pyarrow>=14" "pillow"
 
 COPY pyproject.toml README.md ./
 COPY megatron_prefix ./megatron_prefix
