@@ -83,6 +83,8 @@ CANONICAL_FIELDS = (
     "input",
     "history",
     "rejected_response",
+    "images",
+    "image",
 )
 
 SKIP_REASONS = (
@@ -99,6 +101,9 @@ SKIP_REASONS = (
     "bad_role",
     "bad_prompt",
     "image_unsupported",
+    "image_count_mismatch",
+    "image_in_response",
+    "bad_image",
     "truncated_file",
 )
 
