@@ -392,3 +392,17 @@ def test_photographs_are_real():
     buf = io.BytesIO()
     Image.fromarray(photographs(("chelsea",))["chelsea"]).save(buf, "PNG")
     assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_corrupt_image_store_is_an_error_naming_the_file(llava, tmp_path):
+    path, _ = trl_vision_file(tmp_path)
+    build([path], tmp_path / "ds", llava)
+    ds = PreferenceDataset(tmp_path / "ds")
+    assert ds.images_meta["count"] == 4 and ds.image_counts().tolist() == [1, 2, 1]
+    data = (tmp_path / "ds" / "images.bin").read_bytes()
+    (tmp_path / "ds" / "images.bin").write_bytes(data[:-4])
+    with pytest.raises(ValueError, match="images.bin: corrupt dataset"):
+        PreferenceDataset(tmp_path / "ds")
+    (tmp_path / "ds" / "images.bin").unlink()
+    with pytest.raises(ValueError, match="without images.bin"):
+        PreferenceDataset(tmp_path / "ds")
