@@ -406,3 +406,14 @@ def test_corrupt_image_store_is_an_error_naming_the_file(llava, tmp_path):
     (tmp_path / "ds" / "images.bin").unlink()
     with pytest.raises(ValueError, match="without images.bin"):
         PreferenceDataset(tmp_path / "ds")
+
+
+def test_fixture_builds_k2_and_k4_vision_datasets(llava, tmp_path):
+    from tests.llava_fixtures import build_vision_dataset
+
+    for k in (2, 4):
+        ds = PreferenceDataset(build_vision_dataset(tmp_path, llava, records=6, k=k))
+        assert len(ds) == 6 and ds.images_meta["count"] == 9
+        assert all(ds.get_unit(i).k == k for i in range(len(ds)))
+        stats = json.loads((ds.path / "stats.json").read_text())
+        assert stats["images_encoded_unshared"] == k * stats["images_encoded_shared"] == 9 * k
