@@ -39,8 +39,8 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_prefix.config import require
-from megatron_prefix.data.packing import fill_ratio, pack_bins
 from megatron_prefix.data.images import load_image_spec
+from megatron_prefix.data.packing import fill_ratio, pack_bins
 from megatron_prefix.data.readers import expand_inputs, open_records, parse_field_map
 from megatron_prefix.data.records import PreferenceRecord, Skipped, SkipRecord
 from megatron_prefix.data.stats import StatsAccumulator

@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from megatron_prefix.data.columnar import columnar_kind, folder_files, iter_columnar
-from megatron_prefix.data.formats import CANONICAL_FIELDS, FORMATS, PARSERS, SKIP_REASONS, guess_format
+from megatron_prefix.data.field_map import check_field_map, parse_field_map
+from megatron_prefix.data.formats import FORMATS, PARSERS, SKIP_REASONS, guess_format
 from megatron_prefix.data.image_refs import check_images, images_of
 from megatron_prefix.data.messages import refuse_media, refuse_placeholders
 from megatron_prefix.data.records import PreferenceRecord, Skipped, SkipRecord
@@ -66,45 +67,6 @@ _SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")
 _SURROGATE_JSON = re.compile(r"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape in JSON text (pairs are fine)
 _LONE_SURROGATE = "lone surrogate escape (like \\ud800): the text is not valid Unicode"
 _decoder = json.JSONDecoder()
-
-
-# --------------------------------------------------------------------------------------------- field map
-
-
-def parse_field_map(text: str) -> dict[str, str]:
-    """Parse ``"chosen=pos,rejected=neg"`` into ``{"chosen": "pos", "rejected": "neg"}``.
-
-    Keys are canonical field names (``CANONICAL_FIELDS``), values the file's column names; spaces around
-    names are ignored; an empty text gives ``{}``. Raises ``ValueError`` on an item without ``=``, an
-    empty name, an unknown canonical name or a repeated one.
-    """
-    result: dict[str, str] = {}
-    if not text.strip():
-        return result
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key or not value:
-            raise ValueError(f"--field-map item {item!r} is not canonical=column (in {text!r})")
-        if key in result:
-            raise ValueError(f"--field-map names {key!r} twice (in {text!r})")
-        result[key] = value
-    check_field_map(result)
-    return result
-
-
-def check_field_map(field_map: Mapping[str, str] | None) -> dict[str, str]:
-    """Validate a field map (known canonical keys, string values); returns it as a dict."""
-    if not field_map:
-        return {}
-    for key, value in field_map.items():
-        if key not in CANONICAL_FIELDS:
-            raise ValueError(
-                f"--field-map key {key!r} is not a canonical field; known: {', '.join(CANONICAL_FIELDS)}"
-            )
-        if not isinstance(value, str) or not value:
-            raise ValueError(f"--field-map value for {key!r} must be a non-empty column name, got {value!r}")
-    return dict(field_map)
 
 
 # --------------------------------------------------------------------------------------------- containers

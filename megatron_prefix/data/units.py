@@ -65,8 +65,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_prefix.config import require
-from megatron_prefix.data.records import Message, PreferenceRecord, Prompt, SkipRecord
 from megatron_prefix.data.images import ImageSpec, load_pixels
+from megatron_prefix.data.records import Message, PreferenceRecord, Prompt, SkipRecord
 from megatron_prefix.data.templates import TemplateError, parse_template_date
 from megatron_prefix.data.tokenizers import Tokenizer
 from megatron_prefix.data.unit import Unit
