@@ -45,7 +45,10 @@ def hf_folder(work: Path, kind: str) -> Path:
     """The tiny LLaVA of ``kind`` (config.json edits on the default weights, or the ``full`` strategy)."""
     folder = work / f"hf_{kind}"
     if not folder.is_dir():
-        src = make_tiny_llava(work / f"src_{kind}", select_strategy="full" if kind == "full" else "default")
+        strategy = "full" if kind == "full" else "default"
+        src = work / f"src_{strategy}" / "tiny_llava"
+        if not src.is_dir():
+            make_tiny_llava(src.parent, select_strategy=strategy)
         shutil.copytree(src, folder)
         config = json.loads((folder / "config.json").read_text())
         config.update(KINDS[kind])
@@ -175,16 +178,16 @@ def test_input_checks(parallel, work):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("tp,pp,sp", [(2, 1, False), (2, 1, True), (1, 2, False)])
-def test_llava_parallel(parallel, work, tp, pp, sp):
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_llava_parallel(parallel, work, tp, pp):
     """TP=2 (with and without sequence parallelism) and PP=2 (vision on the first stage): each rank
     converts its shards, the model matches HF's logits, and a TP=1 checkpoint loads at this layout."""
     s, want = reference(work, "default")
     converted(work, "default")
     torch.save({**s, "logits": want}, work / "ref_default.pt")
-    args = ["--work", str(work), "--kind", "default", "--tp", str(tp), "--pp", str(pp)] + (["--sp"] if sp else [])
+    args = ["--work", str(work), "--kind", "default", "--tp", str(tp), "--pp", str(pp)]
     out = run_torchrun("tests/dist_scripts/llava_parity.py", nproc=2, args=args, timeout=300)
     rels = {line.split()[1]: float(line.split()[2]) for line in out.splitlines() if line.startswith("REL ")}
     print(rels)
-    assert set(rels) == {"own", "from_tp1"}, out[-3000:]
+    assert set(rels) == {"own", "from_tp1"} | ({"own_sp"} if tp > 1 else set()), out[-3000:]
     assert all(v <= REL_TOL for v in rels.values()), rels

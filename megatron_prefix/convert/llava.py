@@ -13,7 +13,9 @@ Names and layouts: ``convert.llava_layout``.
 
 from __future__ import annotations
 
+import json
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from megatron_prefix.convert.llava_layout import (
     VISION_LAYER_PARAM,
     RenamedReader,
     expected_vision_names,
+    llava_name,
     llava_views,
     read_vision_shard,
     vision_ckpt_layer_key,
@@ -140,11 +143,6 @@ def llava_config_dict(cfg: ModelConfig, dtype: str, base: dict | None = None) ->
     }
 
 
-def text_token_ids(config: dict) -> dict:
-    """Where the exporter's token ids go in a LLaVA config: the ``text_config`` block."""
-    return config["text_config"]
-
-
 def copy_processor_files(src: str | Path, dst: str | Path) -> list[str]:
     """Copy the tokenizer and image-processor files of a LLaVA folder (``tokenizer*``, ``chat_template*``,
     ``processor_config.json``, ``preprocessor_config.json``, ``special_tokens_map.json``,
@@ -157,6 +155,50 @@ def copy_processor_files(src: str | Path, dst: str | Path) -> list[str]:
     return sorted(names)
 
 
-__all__ = ["VISION_PREFIXES", "check_vision_shapes", "check_vision_tensors",
-           "copy_processor_files", "fill_vision_from_hf", "hf_views", "llava_config_dict", "text_token_ids",
-           "vision_hf_tensors"]
+
+
+def all_hf_tensors(vision: VisionConfig, text_tensors: Iterator[tuple[str, torch.Tensor]],
+                   load: Callable[[list[str], int | None], dict]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The whole LLaVA in HF names: the text exporter's tensors renamed into ``language_model.*``,
+    then the tower and projector."""
+    for name, tensor in text_tensors:
+        yield llava_name(name), tensor
+    yield from vision_hf_tensors(vision, load)
+
+
+def source_hf_dir(ckpt_path: Path, hops: int = 5) -> Path | None:
+    """The HF folder a checkpoint was converted from: ``source.hf_dir`` of its train_state.json, or of the
+    checkpoint its training run loaded (``config.checkpoint.load``, followed a few hops); None if unknown."""
+    from megatron_prefix.training.checkpoint import resolve
+
+    path: Path | None = Path(ckpt_path)
+    for _ in range(hops):
+        state_file = path / "train_state.json" if path else None
+        if state_file is None or not state_file.is_file():
+            return None
+        state = json.loads(state_file.read_text())
+        hf_dir = (state.get("source") or {}).get("hf_dir")
+        if hf_dir:
+            return Path(hf_dir)
+        load = (((state.get("config") or {}).get("checkpoint") or {}).get("load"))
+        path = resolve(load) if load else None
+    return None
+
+
+def copy_llava_files(tokenizer: str | Path | None, ckpt_path: Path, out: Path) -> list[str]:
+    """Copy the tokenizer and processor files from ``--tokenizer``, else from the source HF folder;
+    says so on stderr when there is none (the weights alone load, but ``AutoProcessor`` would not)."""
+    if tokenizer:
+        if not Path(tokenizer).is_dir():
+            raise ValueError(f"--tokenizer: {tokenizer} is not a directory")
+        copied = copy_processor_files(tokenizer, out)
+        if not copied:
+            raise ValueError(f"--tokenizer: {tokenizer} holds no tokenizer or processor files")
+        return copied
+    src = source_hf_dir(ckpt_path)
+    if src is not None and src.is_dir():
+        return copy_processor_files(src, out)
+    print(f"convert_mcore_to_hf: note: no tokenizer / processor files copied to {out} (the source LLaVA folder "
+          f"{src or '(not recorded)'} is not available); pass --tokenizer HF_LLAVA_DIR to copy them",
+          file=sys.stderr)
+    return []

@@ -118,3 +118,65 @@ def load_llava(run_dir: str | Path, sequence_parallel: bool = False, **cfg_overr
 def rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want|."""
     return float((got - want).abs().max() / want.abs().max())
+
+
+# ---------------------------------------------------------------------------- HF key layouts
+
+def _hub(name: str) -> str:
+    """transformers 5 name -> the Hub llava-hf layout (``vision_tower.vision_model.*``)."""
+    return "vision_tower.vision_model." + name[len("vision_tower."):] if name.startswith("vision_tower.") else name
+
+
+def _v4(name: str) -> str:
+    """transformers 5 name -> the transformers 4.5x layout (``model.language_model.*``, ``lm_head.weight`` ...)."""
+    if name.startswith("language_model.model."):
+        return "model.language_model." + name[len("language_model.model."):]
+    if name == "language_model.lm_head.weight":
+        return "lm_head.weight"
+    if name.startswith("vision_tower."):
+        return "model.vision_tower.vision_model." + name[len("vision_tower."):]
+    return "model." + name
+
+
+LAYOUTS = {"tf5": None, "hub": _hub, "v4": _v4}
+
+
+def relayout(src: str | Path, dst: str | Path, layout: str) -> Path:
+    """A copy of the HF folder ``src`` whose safetensors use the key ``layout`` (``LAYOUTS``)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    rename = LAYOUTS[layout]
+    if rename is not None:
+        for path in dst.glob("*.safetensors"):
+            tensors = load_file(str(path))
+            save_file({rename(k): v for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+        index = dst / "model.safetensors.index.json"
+        if index.is_file():
+            data = json.loads(index.read_text())
+            data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+            index.write_text(json.dumps(data))
+    return dst
+
+
+def safetensors_of(directory: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out
+
+
+def bit_identical_report(src: str | Path, dst: str | Path) -> str | None:
+    """None when both folders hold the same tensor names, dtypes and values; else what differs."""
+    a, b = safetensors_of(src), safetensors_of(dst)
+    if sorted(a) != sorted(b):
+        return f"tensor names differ: {sorted(set(a) ^ set(b))[:8]}"
+    for name in a:
+        if a[name].dtype != b[name].dtype or not torch.equal(a[name], b[name]):
+            return f"{name}: differs after the round trip"
+    return None
