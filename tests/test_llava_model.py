@@ -3,8 +3,8 @@
 A tiny random HF LLaVA (``tests/llava_fixtures.make_tiny_llava``: CLIP 3 layers, llama 2 layers) is
 converted at TP=1 and run on one sequence ``[prompt with two real photographs + response]`` (HF's
 processor; packed alone: positions 0..L-1, one document). Logits equal HF's within a relative 1e-5
-(measured ~3e-7) for the feature layers -2 (LLaVA-1.5), -1, 1 and the ``full`` strategy; TP=2, PP=2 and
-sequence parallelism are in ``test_llava_parallel`` (torchrun, gloo). Negative controls (swapped
+(measured ~3e-7) for the feature layers -2 (LLaVA-1.5), -1, 1 and the ``full`` strategy; TP=2 (with and
+without sequence parallelism), PP=2 and CP=2 are in ``test_llava_parallel`` (torchrun, gloo). Negative controls (swapped
 images, a wrong feature layer) must fail. Also: freeze flags, gradients, and the input checks.
 """
 
@@ -178,16 +178,18 @@ def test_input_checks(parallel, work):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_llava_parallel(parallel, work, tp, pp):
-    """TP=2 (with and without sequence parallelism) and PP=2 (vision on the first stage): each rank
-    converts its shards, the model matches HF's logits, and a TP=1 checkpoint loads at this layout."""
+@pytest.mark.parametrize("tp,pp,cp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)])
+def test_llava_parallel(parallel, work, tp, pp, cp):
+    """TP=2 (with and without sequence parallelism), PP=2 (vision on the first stage), CP=2 (CP-local
+    image_feature_index): each rank converts its shards, the model matches HF's logits, and a TP=1
+    checkpoint loads at this layout."""
     s, want = reference(work, "default")
     converted(work, "default")
     torch.save({**s, "logits": want}, work / "ref_default.pt")
-    args = ["--work", str(work), "--kind", "default", "--tp", str(tp), "--pp", str(pp)]
+    args = ["--work", str(work), "--kind", "default", "--tp", str(tp), "--pp", str(pp), "--cp", str(cp)]
     out = run_torchrun("tests/dist_scripts/llava_parity.py", nproc=2, args=args, timeout=300)
     rels = {line.split()[1]: float(line.split()[2]) for line in out.splitlines() if line.startswith("REL ")}
     print(rels)
-    assert set(rels) == {"own", "from_tp1"} | ({"own_sp"} if tp > 1 else set()), out[-3000:]
+    want_names = {"from_tp1"} | ({"own"} if cp == 1 else set()) | ({"own_sp"} if tp > 1 else set())
+    assert set(rels) == want_names, out[-3000:]
     assert all(v <= REL_TOL for v in rels.values()), rels

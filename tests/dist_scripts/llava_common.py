@@ -7,8 +7,8 @@
 - ``micro_batch(ids, prompt_len, image_token_id)``: the sequence packed alone into one row (positions
   0..L-1, one document: plain causal attention; padding after it to a multiple of 8) and its ``image_feature_index`` [1, L] (the k-th image
   token reads feature row k, i.e. image-major order);
-- ``our_logits(model, ...)``: our model on that row, logits gathered over TP, [L, V] on the last pipeline
-  stage (stages pass hidden states with send/recv), None elsewhere;
+- ``our_logits(model, ...)``: our model on that row (this CP rank's slice of the tokens and of
+  ``image_feature_index``), logits gathered over TP and CP, [L, V] on the last pipeline stage (stages pass hidden states with send/recv), None elsewhere;
 - ``load_llava(run_dir)``: ``SharedPrefixLLaVAModel`` at the current parallel layout, loaded.
 
 Only ``sample`` / ``hf_logits`` import transformers.
@@ -64,16 +64,19 @@ def feature_index(tokens_bs: torch.Tensor, image_token: int) -> torch.Tensor:
     return index
 
 
-def micro_batch(ids: torch.Tensor, prompt_len: int, image_token: int):
-    """(MicroBatch of the sequence packed alone, image_feature_index [1, L])."""
+def micro_batch(ids: torch.Tensor, prompt_len: int, image_token: int, cp_size: int = 1, cp_rank: int = 0):
+    """(MicroBatch of the sequence packed alone, image_feature_index [1, T/cp]) for one CP rank."""
+    from megatron_prefix.attention.context_parallel import split_for_cp
     from megatron_prefix.data.row import pack_row
     from megatron_prefix.data.unit import Unit
     from megatron_prefix.model.batch import MicroBatch
 
     a = ids.numpy()
     unit = Unit(a[:prompt_len], [a[prompt_len:]], np.zeros(1, dtype=np.float32), unit_id=0)
-    mb = MicroBatch.from_rows([pack_row([unit], -(-len(a) // 8) * 8, pad_id=0)])  # padded at the end
-    return mb, feature_index(mb.tokens, image_token)
+    row = pack_row([unit], -(-len(a) // 8) * 8, pad_id=0)  # padded at the end
+    mb = MicroBatch.from_rows([row], cp_size, cp_rank)
+    full_index = feature_index(torch.from_numpy(row.tokens.astype(np.int64))[None], image_token)
+    return mb, split_for_cp(full_index, cp_size, cp_rank)
 
 
 @torch.no_grad()
@@ -83,7 +86,8 @@ def our_logits(model, ids: torch.Tensor, prompt_len: int, pixels: torch.Tensor, 
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    mb, default_index = micro_batch(ids, prompt_len, image_token)
+    cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+    mb, default_index = micro_batch(ids, prompt_len, image_token, cp, cp_rank)
     index = default_index if index is None else index
     pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     if pp_rank > 0:
@@ -95,7 +99,18 @@ def our_logits(model, ids: torch.Tensor, prompt_len: int, pixels: torch.Tensor, 
     if pp_rank < pp - 1:  # (no sequence parallelism with PP here: the buffers are full-sequence)
         dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
         return None
-    return gather_from_tensor_model_parallel_region(out)[: len(ids), 0].float()
+    logits = gather_from_tensor_model_parallel_region(out)[:, 0].float()  # [T/cp, V]
+    if cp > 1:  # put every CP rank's positions back in row order
+        from megatron_prefix.attention.context_parallel import local_positions
+
+        t = logits.shape[0] * cp
+        parts = [torch.empty_like(logits) for _ in range(cp)]
+        dist.all_gather(parts, logits.contiguous(), group=ps.get_context_parallel_group())
+        full = torch.empty(t, logits.shape[1])
+        for r, part in enumerate(parts):
+            full[local_positions(t, cp, r)] = part
+        logits = full
+    return logits[: len(ids)]
 
 
 def load_llava(run_dir: str | Path, sequence_parallel: bool = False, **cfg_overrides):
