@@ -208,3 +208,28 @@ def bit_identical_report(src: str | Path, dst: str | Path) -> str | None:
         if a[name].dtype != b[name].dtype or not torch.equal(a[name], b[name]):
             return f"{name}: differs after the round trip"
     return None
+
+
+def make_qwen2_llava(llama_llava: str | Path, dst: str | Path, seed: int = 3) -> Path:
+    """A LLaVA with a qwen2 language model (QKV biases, perturbed), from the tiny llama LLaVA's folder
+    (same tower sizes, tokenizer and processor files); saved by transformers like ``make_tiny_llava``."""
+    import shutil
+
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    src, dst = Path(llama_llava), Path(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json", "config.json"))
+    hf = json.loads((src / "config.json").read_text())
+    text = {k: v for k, v in hf["text_config"].items() if k not in ("attention_bias", "mlp_bias", "pretraining_tp")}
+    text.update(model_type="qwen2", rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                use_sliding_window=False)
+    config = LlavaConfig(**{**{k: v for k, v in hf.items() if k not in ("text_config", "architectures",
+                                                                            "transformers_version")},
+                            "text_config": text})
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(str(dst), safe_serialization=True)
+    return dst
