@@ -126,7 +126,10 @@ def vision_from_hf(hf: dict, where: str) -> VisionConfig:
     if vtype not in HF_VISION_TYPES:
         raise ValueError(f"{where}: vision_config.model_type={vtype!r} is not supported; only a CLIP vision "
                          f"tower ({', '.join(HF_VISION_TYPES)}) maps onto megatron's CLIPViTModel")
-    get = lambda key: vc.get(key, _CLIP_DEFAULTS[key])  # noqa: E731
+
+    def get(key: str) -> Any:
+        return vc.get(key, _CLIP_DEFAULTS[key])
+
     if int(get("num_channels")) != 3:
         raise ValueError(f"{where}: vision_config.num_channels={get('num_channels')} is not supported "
                          "(megatron's CLIPViTModel takes RGB images)")
