@@ -241,3 +241,38 @@ def test_parallel_conversion_round_trip(parallel, work, tp, pp, layouts):
         convert_mcore_to_hf(work / f"run_{layout}_tp{tp}pp{pp}", back, progress=False)
         report = lc.bit_identical_report(work / "hf_tf5", back)
         assert report is None, f"{layout} tp{tp}pp{pp}: {report}"
+
+
+# llava-hf/llava-1.5-7b-hf's config.json: text_config / vision_config hold only what differs from the
+# transformers defaults
+HUB_LLAVA_15 = {
+    "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 32000,
+    "model_type": "llava", "pad_token_id": 32001, "projector_hidden_act": "gelu",
+    "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+                    "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
+                    "torch_dtype": "float16", "vocab_size": 32064},
+    "tie_word_embeddings": False, "torch_dtype": "float16",
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                      "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                      "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064,
+}
+
+
+def test_sparse_hub_config_uses_transformers_defaults():
+    """A Hub config.json that leaves defaults implicit reads as transformers' fully expanded one does."""
+    from transformers import LlavaConfig
+
+    from megatron_prefix.model.config import ModelConfig
+
+    sparse = ModelConfig.from_hf_config(HUB_LLAVA_15)
+    expanded = ModelConfig.from_hf_config(LlavaConfig(**HUB_LLAVA_15).to_dict())
+    assert sparse == expanded
+    assert (sparse.hidden_size, sparse.num_layers, sparse.kv_heads, sparse.vocab_size) == (4096, 32, 32, 32064)
+    assert sparse.vision.tokens_per_image == 576 and sparse.vision.hidden_act == "quick_gelu"
+    assert sparse.params_dtype == "float16" and sparse.max_position_embeddings == 4096
+    for family in ("qwen2", "mistral"):
+        config = {**HUB_LLAVA_15, "text_config": {"model_type": family, "vocab_size": 32064}}
+        if family == "mistral":  # its default sliding window (4096) is refused both ways
+            config["text_config"]["sliding_window"] = None
+        assert ModelConfig.from_hf_config(config) == ModelConfig.from_hf_config(LlavaConfig(**config).to_dict())
