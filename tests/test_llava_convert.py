@@ -276,3 +276,18 @@ def test_sparse_hub_config_uses_transformers_defaults():
         if family == "mistral":  # its default sliding window (4096) is refused both ways
             config["text_config"]["sliding_window"] = None
         assert ModelConfig.from_hf_config(config) == ModelConfig.from_hf_config(LlavaConfig(**config).to_dict())
+
+
+def test_bf16_round_trip(parallel, work):
+    """A bf16 LLaVA stays bf16 (default --dtype: config.json's) and round-trips bit for bit."""
+    from megatron_prefix.convert import convert_hf_to_mcore, convert_mcore_to_hf
+    from megatron_prefix.parallel import init_parallel
+
+    src = make_tiny_llava(work / "src_bf16", dtype="bfloat16", seed=2)
+    run, back = work / "run_bf16", work / "back_bf16"
+    convert_hf_to_mcore(src, run, progress=False)
+    init_parallel(1, 1, 1)
+    assert json.loads((run / "iter_0000000" / "train_state.json").read_text())["model"]["params_dtype"] == "bfloat16"
+    convert_mcore_to_hf(run, back, progress=False)
+    assert lc.bit_identical_report(src, back) is None, lc.bit_identical_report(src, back)
+    assert json.loads((back / "config.json").read_text())["dtype"] == "bfloat16"
