@@ -184,8 +184,8 @@ def test_input_checks(parallel, work):
 @pytest.mark.parametrize("tp,pp,cp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)])
 def test_llava_parallel(parallel, work, tp, pp, cp):
     """TP=2 (with and without sequence parallelism), PP=2 (vision on the first stage), CP=2 (CP-local
-    image_feature_index): each rank converts its shards, the model matches HF's logits, and a TP=1
-    checkpoint loads at this layout."""
+    image_feature_index): each rank converts its shards, the model matches HF's logits, a TP=1
+    checkpoint loads at this layout, and the checkpoint written at TP=2 / PP=2 exports bit-identical."""
     s, want = reference(work, "default")
     converted(work, "default")
     torch.save({**s, "logits": want}, work / "ref_default.pt")
@@ -196,6 +196,12 @@ def test_llava_parallel(parallel, work, tp, pp, cp):
     want_names = {"from_tp1"} | ({"own"} if cp == 1 else set()) | ({"own_sp"} if tp > 1 else set())
     assert set(rels) == want_names, out[-3000:]
     assert all(v <= REL_TOL for v in rels.values()), rels
+    if cp == 1:  # the checkpoint this layout wrote exports bit-identical to the source
+        from megatron_prefix.convert import convert_mcore_to_hf
+
+        back = work / f"back_tp{tp}pp{pp}"
+        convert_mcore_to_hf(work / f"run_default_tp{tp}pp{pp}", back, progress=False)
+        assert lc.bit_identical_report(hf_folder(work, "default"), back) is None
 
 
 def test_cpu_accommodation_for_clip_vit(parallel, work, monkeypatch):
