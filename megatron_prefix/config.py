@@ -147,6 +147,15 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+def optional_section(tp: Any) -> type | None:
+    """The dataclass of an optional section hint (``VisionConfig | None``), else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2 and _is_dataclass_type(args[0]):
+            return args[0]
+    return None
+
+
 def from_dict(cls: type[T], data: dict | None, path: str = "", errors: list[str] | None = None) -> T:
     """Build dataclass ``cls`` from ``data``: nested dataclass fields recurse, every value is checked
     against the field's type hint, unknown keys are errors. All errors are reported at once
@@ -173,6 +182,10 @@ def from_dict(cls: type[T], data: dict | None, path: str = "", errors: list[str]
                 errors.append(f"{sub}: expected a mapping of {tp.__name__} fields, got {value!r}")
                 continue
             kwargs[f.name] = from_dict(tp, value, sub, errors)
+            continue
+        section = optional_section(tp)
+        if section is not None and isinstance(value, dict):  # an optional section given (null = off)
+            kwargs[f.name] = from_dict(section, value, sub, errors)
             continue
         try:
             kwargs[f.name] = check_type(value, tp, sub)

@@ -15,7 +15,7 @@ import tokenize
 import typing
 from typing import Any
 
-from megatron_prefix.config import type_name
+from megatron_prefix.config import optional_section, type_name
 
 HEADER = """# Config reference
 
@@ -87,6 +87,12 @@ def section_rows(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
         key = f"{prefix}{f.name}"
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             rows.extend(section_rows(tp, key + "."))
+            continue
+        section = optional_section(tp)
+        if section is not None:  # an optional section: one row for the section, then its keys
+            meaning = comments.get(f.name) or bullets.get(f.name) or ""
+            rows.append((key, "section or null", _default(f), meaning.replace("|", "\\|")))
+            rows.extend(section_rows(section, key + "."))
             continue
         meaning = comments.get(f.name) or bullets.get(f.name) or ""
         rows.append((key, type_name(tp), _default(f), meaning.replace("|", "\\|")))

@@ -164,3 +164,59 @@ def make_tiny_llava(
     processor.save_pretrained(str(folder))
     (folder / "fixture.json").write_text(json.dumps({"image_token_id": image_id, "vocab": vocab}))
     return folder
+
+
+# --------------------------------------------------------------------------- image preference datasets
+# (added by the data helper: TRL-format image preference files and built datasets for the other tests)
+
+QUESTIONS = ("What is in the picture?", "Describe the image.", "What colour dominates?", "Is it outdoors?")
+
+
+def write_vision_prefs(directory: Path | str, records: int = 8, k: int = 2, seed: int = 0) -> Path:
+    """A preference file with real photographs, images as paths relative to it; returns the file.
+
+    ``k == 2``: TRL's vision format (``images``, a conversational ``prompt`` with ``{"type": "image"}``
+    parts, ``chosen``/``rejected`` assistant messages); ``k > 2``: the ``ranked`` format with the same
+    prompt and ``k`` responses with distinct ``scores``. Every other record has two images.
+    """
+    import random
+
+    d = Path(directory)
+    photos = make_photo_files(d / "img")
+    names = sorted(photos)
+    rng = random.Random(seed)
+    lines = []
+    for i in range(records):
+        n_img = 2 if i % 2 else 1
+        imgs = [f"img/{photos[names[(i + j) % len(names)]].name}" for j in range(n_img)]
+        parts = [{"type": "image"}] * n_img + [{"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}]
+        prompt = [{"role": "user", "content": parts}]
+        answers = [f"{rng.choice(names)} number {rng.randint(0, 99)} " * rng.randint(1, 3) for _ in range(k)]
+        answers = [f"{a}(answer {j})" for j, a in enumerate(answers)]
+        if k == 2:
+            row = {"images": imgs, "prompt": prompt,
+                   "chosen": [{"role": "assistant", "content": [{"type": "text", "text": answers[0]}]}],
+                   "rejected": [{"role": "assistant", "content": answers[1]}]}
+        else:
+            row = {"images": imgs, "prompt": prompt, "responses": answers, "scores": [float(k - j) for j in range(k)]}
+        lines.append(json.dumps(row))
+    path = d / ("vision_prefs.jsonl" if k == 2 else f"vision_prefs_k{k}.jsonl")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def build_vision_dataset(directory: Path | str, llava_dir: Path | str, records: int = 8, k: int = 2,
+                         pack_tokens: int = 512, max_unit_tokens: int = 256) -> Path:
+    """``write_vision_prefs`` built with ``--tokenizer``/``--image-processor`` ``llava_dir``; returns the
+    dataset folder (``images.bin`` + ``meta.json["images"]``)."""
+    from megatron_prefix.data.builder import BuildConfig, build_dataset
+    from megatron_prefix.data.units import UnitConfig
+
+    d = Path(directory)
+    src = write_vision_prefs(d / "src", records=records, k=k)
+    out = d / f"vision_ds_k{k}"
+    cfg = BuildConfig(inputs=[str(src)], tokenizer=str(llava_dir), output=str(out),
+                      units=UnitConfig(max_unit_tokens=max_unit_tokens, template_date="2026-01-01"),
+                      pack_tokens=pack_tokens, image_processor=str(llava_dir))
+    build_dataset(cfg, log=lambda _: None)
+    return out

@@ -180,24 +180,34 @@ def test_llamafactory_and_swift_formats(tmp_path):
     )
 
 
-def test_image_records_are_refused_with_file_and_line(tmp_path):
+def test_image_records_are_read_and_other_media_refused_with_file_and_line(tmp_path):
     rows = [
         {"prompt": "q", "chosen": "a", "rejected": "b"},
-        {"prompt": "q", "chosen": "a", "rejected": "b", "images": ["cat.png"]},
-        {"prompt": "<image>What is this?", "chosen": "a cat", "rejected": "a dog"},
+        {"prompt": "q", "chosen": "a", "rejected": "b", "images": ["cat.png"]},  # no placeholder
+        {"prompt": "<image>What is this?", "chosen": "a cat", "rejected": "a dog", "images": ["cat.png"]},
         {
             "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}],
             "chosen": [_a("a")],
             "rejected": [_a("b")],
+            "images": ["sub/dog.jpg"],
         },
         {"prompt": "q", "chosen": "a", "rejected": "b", "images": []},  # no image: read
+        {"prompt": "q", "chosen": "a", "rejected": "b", "videos": ["cat.mp4"]},
+        {"prompt": "<video>q", "chosen": "a", "rejected": "b"},
+        {"prompt": "<image>q", "chosen": "a <image>", "rejected": "b", "images": ["cat.png"]},
     ]
     path = tmp_path / "img.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recs, skips = read([path], fmt="pair")
-    assert [r.line for r in recs] == [1, 5]
-    assert [(s.line, s.reason) for s in skips] == [(n, "image_unsupported") for n in (2, 3, 4)]
-    assert all("not supported yet" in s.detail and s.source == str(path) for s in skips)
+    assert [r.line for r in recs] == [1, 3, 4, 5]
+    assert [len(r.images) for r in recs] == [0, 1, 1, 0]
+    assert recs[1].images[0].path == str(tmp_path / "cat.png")
+    assert recs[2].images[0].path == str(tmp_path / "sub" / "dog.jpg")
+    assert recs[2].prompt[0].parts == (("image", ""), ("text", "What?"))
+    assert [(s.line, s.reason) for s in skips] == [
+        (2, "image_count_mismatch"), (6, "image_unsupported"), (7, "image_unsupported"), (8, "image_in_response")
+    ]
+    assert all(s.source == str(path) for s in skips)
 
 
 def test_build_without_units_fails_and_duplicates_are_counted(tmp_path, capsys):

@@ -330,12 +330,16 @@ BAD = [
     ("ranked", "empty_prompt", {"prompt": "", "responses": ["a", "b"], "scores": [1, 2]}),
     ("ranked", "bad_role", {**GOOD["ranked"], "messages": [{"role": "narrator", "content": "x"}]}),
     ("ranked", "bad_prompt", {**GOOD["ranked"], "messages": [_u("a"), _a("b")]}),
-    ("ranked", "image_unsupported", {**GOOD["ranked"], "images": ["cat.png"]}),
+    ("ranked", "image_unsupported", {**GOOD["ranked"], "videos": ["cat.mp4"]}),
+    ("ranked", "image_count_mismatch", {**GOOD["ranked"], "images": ["cat.png"]}),
+    ("ranked", "bad_image", {**GOOD["ranked"], "images": [7]}),
     ("alpaca", "missing_field", {"input": "x", "chosen": "a", "rejected": "b"}),
     ("alpaca", "bad_type", {**GOOD["alpaca"], "history": [["only one"]]}),
     ("alpaca", "bad_type", {**GOOD["alpaca"], "chosen": ["a"]}),
     ("alpaca", "identical_responses", {**GOOD["alpaca"], "rejected": "4"}),
-    ("alpaca", "image_unsupported", {**GOOD["alpaca"], "instruction": "<image>What is it?"}),
+    ("alpaca", "image_unsupported", {**GOOD["alpaca"], "instruction": "<audio>What is it?"}),
+    ("alpaca", "image_count_mismatch", {**GOOD["alpaca"], "instruction": "<image>What is it?"}),
+    ("alpaca", "image_in_response", {**GOOD["alpaca"], "chosen": "<image>", "images": ["a.png"]}),
     ("swift", "bad_prompt", {**GOOD["swift"], "messages": [_u("hi")]}),
     ("swift", "bad_type", {**GOOD["swift"], "rejected_response": {"content": "x"}}),
     (
@@ -344,7 +348,7 @@ BAD = [
         {
             **GOOD["swift"],
             "messages": [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]},
+                {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what?"}]},
                 _a("a cat"),
             ],
         },

@@ -4,10 +4,13 @@
     python tools/build_dataset.py --input FILE [FILE ...] --tokenizer byte|SP.model|HF_DIR --output DIR \\
         [--format auto|pair|transcript|sharegpt|ranked|alpaca|swift] [--field-map chosen=pos,rejected=neg] \\
         [--max-unit-tokens 4096] [--pack-tokens 8192] [--max-responses-per-unit 8] [--workers N] \\
-        [--date YYYY-MM-DD]
+        [--date YYYY-MM-DD] [--image-processor HF_LLAVA_DIR]
 
 Writes DIR/tokens.bin, DIR/index/, DIR/meta.json, DIR/stats.json and DIR/skipped.jsonl (file, line and
-reason of every skipped record), then prints the statistics table. The same input and options give
+reason of every skipped record), then prints the statistics table. Image preference data (TRL's vision
+format, LLaVA-style <image> placeholders; docs/vision.md) needs --image-processor: the HF LLaVA model
+folder whose image processor settings, image token and tokens per image lay the images out (pass the
+same folder as --tokenizer); the preprocessed images go to DIR/images.bin. The same input and options give
 byte-identical output, whatever --workers.
 """
 
@@ -46,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         help="YYYY-MM-DD a chat template's strftime_now prints (Llama-3.1 'Today Date'); default: today "
         "(UTC), recorded in meta.json as build.units.template_date; pass it to rebuild identically",
     )
+    ap.add_argument(
+        "--image-processor",
+        default=None,
+        metavar="HF_LLAVA_DIR",
+        help="HF LLaVA model folder (processor_config.json or preprocessor_config.json, config.json): needed "
+        "when records have images; the images are preprocessed with its settings into DIR/images.bin",
+    )
     args = ap.parse_args(argv)
     cfg = BuildConfig(
         inputs=args.input,
@@ -60,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         pack_tokens=args.pack_tokens,
         workers=args.workers,
+        image_processor=args.image_processor,
     )
     try:
         stats = build_dataset(cfg, log=lambda msg: print(msg, file=sys.stderr))

@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Convert a Hugging Face llama / qwen2 / mistral checkpoint (safetensors) to our megatron checkpoint.
+"""Convert a Hugging Face llama / qwen2 / mistral checkpoint (safetensors), or a LLaVA one
+(LlavaForConditionalGeneration: CLIP vision tower, MLP projector, llama / qwen2 / mistral language
+model; any of its key layouts), to our megatron checkpoint.
 
     python tools/convert_hf_to_mcore.py --hf HF_DIR --out RUN_DIR [--tp N --pp N] [--dtype bfloat16]
     torchrun --nproc-per-node=8 tools/convert_hf_to_mcore.py --hf HF_DIR --out RUN_DIR --tp 4 --pp 2

@@ -12,6 +12,12 @@ non-zero reward-head bias is refused unless --reward-bias drop (recorded as conf
 config.json gets bos/eos/pad token ids: those --hf-config sets (the source model's config.json or its
 folder), else the tokenizer's (--tokenizer, or the tokenizer recorded with the checkpoint at save, or
 in its training dataset's meta.json). Single process.
+
+A LLaVA checkpoint (converted from a `model_type: llava` folder) becomes LlavaForConditionalGeneration, in
+the key layout the installed transformers writes; --tokenizer HF_LLAVA_DIR copies the tokenizer and
+processor files (default: from the LLaVA folder it was converted from, when recorded and still present;
+its config.json also supplies the token ids unless --hf-config is given). A LLaVA reward model is
+refused (transformers has no LLaVA sequence-classification class).
 """
 
 from __future__ import annotations

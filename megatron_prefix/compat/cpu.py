@@ -1,6 +1,6 @@
 """CPU accommodations for megatron-core 0.16.1 (applied only when CUDA is absent).
 
-Three kinds, each pinned to named megatron symbols (``pins.require``) and listed in docs/compat.md:
+Four kinds, each pinned to named megatron symbols (``pins.require``) and listed in docs/compat.md:
 
 1. ``PROXIED``: modules whose global name ``torch`` is rebound to ``torch_proxy.TORCH_ON_CPU`` (CUDA device
    strings, ``current_device``, ``synchronize``, CUDA RNG calls get their CPU meaning inside that module only).
@@ -12,6 +12,7 @@ Three kinds, each pinned to named megatron symbols (``pins.require``) and listed
    ``Float16OptimizerWithFloat16Params.__init__`` compare ``tensor.type()`` with ``"torch.cuda.FloatTensor"``
    (etc.). For the duration of those calls only, the CPU tensors involved answer ``type()`` with the CUDA
    name of their dtype (an instance attribute, removed afterwards; ``torch.Tensor`` itself is untouched).
+4. ``CLIPViTModel``'s ``position_ids`` ``.cuda()`` at construction (``compat.vision``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from megatron_prefix.compat.pins import CompatError, require, require_module
 from megatron_prefix.compat.sp_collectives import patch_sp_collectives
 from megatron_prefix.compat.torch_proxy import TORCH_ON_CPU
+from megatron_prefix.compat.vision import patch_clip_vit_position_ids
 
 MARK = "__megatron_prefix_compat__"
 
@@ -271,3 +273,4 @@ def apply_cpu_accommodations() -> None:
     patch_type_checks()
     patch_tied_embedding_sync()
     patch_sp_collectives()
+    patch_clip_vit_position_ids()

@@ -14,6 +14,10 @@ A reward model (``task: rm``; checkpoint keys ``output_layer.weight`` [1, h] and
 without it and records its value as ``reward_bias`` in config.json (every reward is shifted by that
 constant; reward differences, hence Bradley-Terry / Plackett-Luce preferences and rankings, are
 unchanged). Under the pairwise / listwise losses the bias gets no gradient, so it stays 0 in practice.
+
+A LLaVA checkpoint (``model.vision`` in train_state.json) becomes ``LlavaForConditionalGeneration`` in the
+key layout the installed transformers writes (``convert.llava``), with the tokenizer and processor files
+of ``--tokenizer`` (or else of the HF folder it was converted from, when recorded and still present).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_prefix.convert import llava
 from megatron_prefix.convert.hf_files import ShardedWriter, copy_tokenizer, hf_config_dict
 from megatron_prefix.convert.layout import (
     CKPT_LAYER_KEYS,
@@ -92,6 +97,8 @@ def inspect_checkpoint(ckpt: str | Path) -> CheckpointInfo:
                          f"{'has no' if tied else 'has an'} output_layer.weight")
     info = CheckpointInfo(path, cfg, task, meta, reward, tied)
     _check_shapes(info)
+    if cfg.vision is not None:
+        llava.check_vision_shapes(cfg, meta, path)
     return info
 
 
@@ -231,11 +238,24 @@ def convert_mcore_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer: str | 
     info = inspect_checkpoint(ckpt)
     torch_dtype = getattr(torch, dtype) if dtype else info.dtype
     dtype_name = str(torch_dtype).removeprefix("torch.")
-    config = hf_config_dict(info.cfg, dtype_name, reward=info.reward, base=base)
+    vision = info.cfg.vision is not None
+    if vision and info.reward:
+        raise ValueError(f"{info.path}: a LLaVA reward model (task rm) has no Hugging Face class to export to "
+                         "(transformers has no LlavaForSequenceClassification); the checkpoint itself stays "
+                         "usable with checkpoint.load")
+    if vision:  # LlavaForConditionalGeneration: the text model's config (and token ids) in text_config
+        if base is None:  # default: the config.json of the LLaVA folder it was converted from, if still there
+            src = llava.source_hf_dir(info.path)
+            base = read_hf_config(src) if src is not None and (src / "config.json").is_file() else None
+        config = llava.llava_config_dict(info.cfg, dtype_name, base=base)
+        ids_into, ids_base = config["text_config"], (base or {}).get("text_config")
+    else:
+        config = hf_config_dict(info.cfg, dtype_name, reward=info.reward, base=base)
+        ids_into, ids_base = config, base
     token_ids, _ = tokenizer_token_ids(resolve_checkpoint(ckpt), tokenizer)
     for key, value in token_ids.items():
-        if not (base and key in base):
-            config[key] = value
+        if not (ids_base and key in ids_base):
+            ids_into[key] = value
     if info.reward:
         bias = reward_bias(info)
         if bias != 0.0 and reward_bias_mode == "refuse":
@@ -247,10 +267,15 @@ def convert_mcore_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer: str | 
             )
         config["reward_bias"] = bias
     writer = ShardedWriter(out, shard_size)
-    for name, tensor in hf_tensors(info, progress=progress):
+    tensors = hf_tensors(info, progress=progress)
+    if vision:
+        tensors = llava.all_hf_tensors(info.cfg.vision, tensors, lambda keys, layer: _load(info, keys, layer))
+    for name, tensor in tensors:
         writer.add(name, tensor.to(torch_dtype))
     writer.close()
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if tokenizer:
+    if vision:
+        llava.copy_llava_files(tokenizer, resolve_checkpoint(ckpt), out)
+    elif tokenizer:
         copy_tokenizer(tokenizer, out)
     return out

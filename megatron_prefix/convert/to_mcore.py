@@ -1,4 +1,4 @@
-"""Hugging Face (llama / qwen2 / mistral safetensors) -> our megatron ``dist_checkpointing`` checkpoint.
+"""Hugging Face (llama / qwen2 / mistral, and LLaVA over them) -> our megatron ``dist_checkpointing`` checkpoint.
 
 Every rank builds its stage of ``SharedPrefixGPTModel`` at the target TP/PP (megatron local spec, CPU,
 no random init), fills each parameter with *its* TP shard of *its* layers read from the safetensors
@@ -11,6 +11,8 @@ save ``{"model": model.sharded_state_dict()}`` together. The output is a run dir
 so ``checkpoint.load: OUT`` (or ``OUT/iter_0000000``) loads it at any TP/PP (resharding is
 dist_checkpointing's job). ``train_state.json`` = ``{"step": 0, "has_optimizer": false, "model":
 <ModelConfig>, "task": ..., "source": {"hf_dir", "config_sha256"}, "world": {...}}``.
+A LLaVA checkpoint (``model_type: llava``) also fills the first stage's ``vision_model`` /
+``vision_projection`` (``convert.llava``); its ``model`` entry holds the ``vision`` section.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_prefix.convert import session
+from megatron_prefix.convert import llava, session
 from megatron_prefix.convert.hf_files import HFReader, sha256_file
 from megatron_prefix.convert.layout import (
     GLOBAL_TABLE,
@@ -189,11 +191,15 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int | None 
             raise ValueError(f"--pp: {cfg.num_layers} layers cannot be split evenly over pp={pp}")
         if task == "rm":
             cfg.tie_word_embeddings = False
-        reader = HFReader(hf_dir)
+        reader = vision_reader = HFReader(hf_dir)
+        if cfg.vision is not None:  # LLaVA: the language model is read through its own view
+            reader, vision_reader = llava.hf_views(reader)
         err = None
         try:
             if session.rank() == 0:
                 check_hf_tensors(reader, ModelConfig.from_hf_config(hf_dir))
+                if cfg.vision is not None:
+                    llava.check_vision_tensors(vision_reader, cfg.vision)
                 _prepare_out(out)
         except ValueError as e:
             err = e
@@ -210,6 +216,9 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int | None 
 
             attach_reward_head(model, tc)
             skip = ("output_layer.",)
+        if cfg.vision is not None:
+            skip += llava.VISION_PREFIXES
+            llava.fill_vision_from_hf(model, vision_reader, cfg.vision, tp, info.tp_rank)
         fill_from_hf(model, reader, cfg, tp, info.tp_rank, skip, progress=progress and session.rank() == 0)
         dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
         session.barrier()

@@ -13,7 +13,13 @@ when complete, so a crash or kill never leaves a half-written dataset under the 
 over an existing dataset replaces its files (``meta.json`` last); other files there (e.g. a reference
 cache) are kept.
 
-Pure Python + numpy: no torch, no megatron.
+Images: with ``image_processor`` (``--image-processor``, an HF LLaVA folder) the image spec is read once
+(``images.load_image_spec``), each worker decodes and preprocesses the images of its records (once per
+record, shared by the record's units), and the store gets ``images.bin`` + ``index/unit_image_offsets.npy``
+and ``meta.json["images"]``. A record with images and no ``image_processor`` stops the build with an
+error naming the flag and the record's file:line (never dropped silently).
+
+Pure Python + numpy + PIL: no torch, no megatron.
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ from tqdm import tqdm
 
 from megatron_prefix.config import require
 from megatron_prefix.data.packing import fill_ratio, pack_bins
+from megatron_prefix.data.images import load_image_spec
 from megatron_prefix.data.readers import expand_inputs, open_records, parse_field_map
 from megatron_prefix.data.records import PreferenceRecord, Skipped, SkipRecord
 from megatron_prefix.data.stats import StatsAccumulator
 from megatron_prefix.data.storage import (
+    IMAGES_FILE,
     INDEX_DIR,
     META_FILE,
     TOKENS_FILE,
@@ -65,6 +73,7 @@ class BuildConfig:
     units: UnitConfig = field(default_factory=UnitConfig)
     pack_tokens: int = 8192
     workers: int = 1
+    image_processor: str | None = None  # HF LLaVA folder: image processor settings and image tokens
 
     def validate(self) -> None:
         require(len(self.inputs) > 0, "input", "give at least one input file")
@@ -73,6 +82,9 @@ class BuildConfig:
         require(self.pack_tokens > 0, "pack_tokens", f"must be positive, got {self.pack_tokens}")
         require(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
         self.units.validate()
+        if self.image_processor is not None:
+            require(Path(self.image_processor).is_dir(), "image_processor",
+                    f"--image-processor {self.image_processor} is not a folder (give the HF LLaVA model folder)")
         require(
             self.units.max_unit_tokens <= self.pack_tokens,
             "max_unit_tokens",
@@ -85,9 +97,10 @@ class BuildConfig:
 _WORKER: UnitBuilder | None = None
 
 
-def _init_worker(tokenizer_spec: str, unit_cfg: UnitConfig) -> None:
+def _init_worker(tokenizer_spec: str, unit_cfg: UnitConfig, image_processor: str | None = None) -> None:
     global _WORKER
-    _WORKER = UnitBuilder(load_tokenizer(tokenizer_spec), unit_cfg)
+    spec = load_image_spec(image_processor) if image_processor else None
+    _WORKER = UnitBuilder(load_tokenizer(tokenizer_spec), unit_cfg, spec)
 
 
 def _tokenize_chunk(records: list[PreferenceRecord]) -> tuple[list, dict]:
@@ -154,6 +167,10 @@ def _move_into_place(work: Path, final: Path) -> None:
     (final / META_FILE).unlink(missing_ok=True)  # from here on the old dataset no longer opens
     for name in (TOKENS_FILE, "stats.json", "skipped.jsonl"):
         os.replace(work / name, final / name)
+    if (work / IMAGES_FILE).exists():
+        os.replace(work / IMAGES_FILE, final / IMAGES_FILE)
+    else:  # a text rebuild over an image dataset
+        (final / IMAGES_FILE).unlink(missing_ok=True)
     if (final / INDEX_DIR).exists():
         shutil.rmtree(final / INDEX_DIR)
     os.replace(work / INDEX_DIR, final / INDEX_DIR)
@@ -162,10 +179,13 @@ def _move_into_place(work: Path, final: Path) -> None:
 
 def _build_into(cfg: BuildConfig, out: Path, log: Callable[[str], None]) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer)
+    spec = load_image_spec(cfg.image_processor) if cfg.image_processor else None
+    if spec is not None:
+        UnitBuilder(tokenizer, cfg.units, spec)  # checks the tokenizer's image token before reading anything
     field_map = parse_field_map(cfg.field_map) if cfg.field_map else None
     out.mkdir(parents=True, exist_ok=True)
-    writer = UnitWriter(out)
-    stats = StatsAccumulator()
+    writer = UnitWriter(out, images=spec is not None)
+    stats = StatsAccumulator(images=spec is not None)
     skipped_tmp = out / "skipped.jsonl.tmp"
 
     # Reader skips pass straight through; records are tokenized in chunks (in workers when asked).
@@ -204,16 +224,26 @@ def _build_into(cfg: BuildConfig, out: Path, log: Callable[[str], None]) -> dict
             progress.update(len(chunk))
 
         def records_of(chunk: list) -> list[PreferenceRecord]:
-            return [x for x in chunk if isinstance(x, PreferenceRecord)]
+            recs = [x for x in chunk if isinstance(x, PreferenceRecord)]
+            if spec is None:
+                for rec in recs:
+                    if rec.images:
+                        raise ValueError(
+                            f"{rec.where()}: the record has {len(rec.images)} image(s) but no --image-processor "
+                            "was given; pass --image-processor HF_LLAVA_DIR (the model folder: its image "
+                            "processor settings and image token), or remove the images"
+                        )
+            return recs
 
         if cfg.workers == 1:
-            _init_worker(cfg.tokenizer, cfg.units)
+            _init_worker(cfg.tokenizer, cfg.units, cfg.image_processor)
             for chunk in record_chunks():
                 handle(chunk, _tokenize_chunk(records_of(chunk)))
         else:
             # A bounded window of chunks in flight (Pool.imap would read the whole input ahead).
             ctx = mp.get_context("spawn")
-            with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg.tokenizer, cfg.units)) as pool:
+            with ctx.Pool(cfg.workers, initializer=_init_worker,
+                          initargs=(cfg.tokenizer, cfg.units, cfg.image_processor)) as pool:
                 pending: deque = deque()
                 for chunk in record_chunks():
                     pending.append((chunk, pool.apply_async(_tokenize_chunk, (records_of(chunk),))))
@@ -231,8 +261,13 @@ def _build_into(cfg: BuildConfig, out: Path, log: Callable[[str], None]) -> dict
     options = asdict(cfg)
     options.pop("output")
     options.pop("workers")  # does not change the output (byte-identical across worker counts)
+    if options["image_processor"] is None:  # text builds: meta.json as before images existed
+        options.pop("image_processor")
     options["inputs"] = [{"path": str(p), "sha256": sha256_file(p)} for p in expand_inputs(cfg.inputs)]
-    writer.close({"tokenizer": tokenizer.describe(), "build": options, "units": writer.num_units})
+    meta = {"tokenizer": tokenizer.describe(), "build": options, "units": writer.num_units}
+    if spec is not None:
+        meta["images"] = spec.to_meta(0)  # count and sha256 filled by the writer
+    writer.close(meta)
     if not result["units"]:  # nothing to train on: an error, with the reasons (files are written to inspect)
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(result["skipped"].items(), key=lambda kv: -kv[1]))
         raise ValueError(

@@ -44,6 +44,16 @@ class PreferenceDataset:
         return self.store.meta["tokenizer"]
 
     @property
+    def images_meta(self) -> dict | None:
+        """``meta.json["images"]`` of an image dataset (processor settings, shape, ``image_token_id``,
+        ``tokens_per_image``, count); None for a text dataset."""
+        return self.store.images_meta
+
+    def image_counts(self) -> np.ndarray:
+        """[U] images of each unit (zeros for a text dataset)."""
+        return self.store.image_counts()
+
+    @property
     def pad_id(self) -> int:
         return int(self.tokenizer_info["pad_id"])
 

@@ -42,7 +42,7 @@ see ``messages.Fields``):
     string): the prompt is ``messages[:-1]``.
 
 Pair formats score chosen 1.0, rejected 0.0. Message rules (roles, content parts, media) are in
-``messages.py``. A chat prompt may start with one system message and must end with a user turn
+``messages.py``; every format may carry images (``images``/``image`` column, ``image_refs.py``). A chat prompt may start with one system message and must end with a user turn
 (``bad_prompt``); it is ``empty_prompt`` when it has no non-system message with visible text. A JSON
 ``null`` counts as a missing field. Over-length is not judged here.
 
@@ -83,6 +83,8 @@ CANONICAL_FIELDS = (
     "input",
     "history",
     "rejected_response",
+    "images",
+    "image",
 )
 
 SKIP_REASONS = (
@@ -99,6 +101,9 @@ SKIP_REASONS = (
     "bad_role",
     "bad_prompt",
     "image_unsupported",
+    "image_count_mismatch",
+    "image_in_response",
+    "bad_image",
     "truncated_file",
 )
 

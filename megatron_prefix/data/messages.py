@@ -2,11 +2,16 @@
 
 ``Fields`` reads canonical fields through a ``field_map``. Messages accept ``role``/``from`` and
 ``content``/``value``; roles are normalised (``ROLE_ALIASES``, case-insensitive); content is a string or a
-list of text parts (``content_text``). Records with images or other media (a non-empty ``MEDIA_FIELDS``
-field such as ``images``, an image part, an ``<image>`` placeholder in any text) are refused as
-``image_unsupported`` (``refuse_media`` on the raw record, ``content_text``, ``refuse_placeholders`` on the
-parsed one): images are not supported yet, and reading such a record as text would train on it with the
-image silently dropped.
+list of parts (``parse_content``): text parts, and ``{"type": "image"}`` parts (TRL's vision format). A
+message with image parts keeps the part list (``Message.parts``, what a chat template that takes part
+lists is given) and its ``content`` is the flattened text, each image part written as ``"<image>\n"``
+(what a template that only takes strings is given). Images themselves are read by ``images_of`` from
+the record's ``images`` (or ``image``) field, in placeholder order; ``check_images`` checks that the
+prompt has one placeholder per image (``image_count_mismatch``) and that no response has one
+(``image_in_response``). Other media (``videos``/``audios`` fields, ``video``/``audio``/``image_url``
+parts, ``<video>``/``<audio>`` placeholders) are refused as ``image_unsupported`` (``refuse_media``,
+``parse_content``, ``refuse_placeholders``): reading such a record as text would train on it with the
+media silently dropped.
 
 Pure Python: no torch, no megatron.
 """
@@ -17,7 +22,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from megatron_prefix.data.records import Message, PreferenceRecord, Prompt, SkipRecord
+from megatron_prefix.data.records import IMAGE_PLACEHOLDER, Message, PreferenceRecord, Prompt, SkipRecord
 
 ROLE_ALIASES = {
     "system": "system",
@@ -30,12 +35,17 @@ ROLE_ALIASES = {
 }
 
 
-MEDIA_FIELDS = ("images", "image", "videos", "video", "audios", "audio")
-MEDIA_PARTS = ("image", "image_url", "input_image", "video", "video_url", "audio", "input_audio")
-MEDIA_PLACEHOLDERS = ("<image>", "<video>", "<audio>")
+IMAGE_FIELDS = ("images", "image")  # read by images_of
+MEDIA_FIELDS = ("videos", "video", "audios", "audio")  # refused
+MEDIA_PARTS = ("image_url", "input_image", "video", "video_url", "audio", "input_audio")  # refused
+MEDIA_PLACEHOLDERS = ("<video>", "<audio>")  # refused
+IMAGE_PART_TEXT = IMAGE_PLACEHOLDER + "\n"  # an image part in flattened text
 _MEDIA_FIELD_SET = frozenset(MEDIA_FIELDS)
 _PLACEHOLDER_RE = re.compile("|".join(re.escape(t) for t in MEDIA_PLACEHOLDERS))
-MEDIA_MESSAGE = "images (and other media) are not supported yet; remove these records or their media"
+MEDIA_MESSAGE = (
+    "video, audio and image_url media are not supported; images go in the record's 'images' column with "
+    "{'type': 'image'} parts or <image> placeholders"
+)
 
 
 class Fields:
@@ -84,23 +94,36 @@ def normalise_role(role: str, where: str) -> str:
     return norm
 
 
-def content_text(value: Any, where: str) -> str:
-    """A message's content: a string, or a list of parts ``[{"type": "text", "text": ...}]`` joined as HF
-    chat templates join them (text parts concatenated, no separator). An image/video/audio part is
-    ``image_unsupported``; any other part is ``bad_type``."""
+def parse_content(value: Any, where: str) -> tuple[str, tuple[tuple[str, str], ...] | None]:
+    """A message's content -> ``(text, parts)``: a string, or a list of parts. Text parts are joined as HF
+    chat templates join them (concatenated, no separator); an image part ``{"type": "image"}`` is written
+    ``"<image>\n"`` in the text, and then ``parts`` keeps the list (``("image", "")`` / ``("text", t)``);
+    ``parts`` is None without image parts. A video/audio/image_url part is ``image_unsupported``; any
+    other part is ``bad_type``. (A columnar file's struct may hold ``"text": null`` in image parts.)"""
     if isinstance(value, str):
-        return value
+        return value, None
     if not isinstance(value, list):
         raise SkipRecord("bad_type", f"{where} is a {type_name(value)}, expected a string or a list of parts")
-    texts = []
+    texts, parts, images = [], [], 0
     for i, part in enumerate(value):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in MEDIA_PARTS:
             raise SkipRecord("image_unsupported", f"{where}[{i}] is an {kind!r} part: {MEDIA_MESSAGE}")
+        if kind == "image":
+            texts.append(IMAGE_PART_TEXT)
+            parts.append(("image", ""))
+            images += 1
+            continue
         if kind != "text" or not isinstance(part.get("text"), str):
             raise SkipRecord("bad_type", f"{where}[{i}] is not a {{'type': 'text', 'text': str}} part")
         texts.append(part["text"])
-    return "".join(texts)
+        parts.append(("text", part["text"]))
+    return "".join(texts), (tuple(parts) if images else None)
+
+
+def content_text(value: Any, where: str) -> str:
+    """The flattened text of a message's content (``parse_content``)."""
+    return parse_content(value, where)[0]
 
 
 def parse_message(value: Any, where: str) -> Message:
@@ -121,7 +144,8 @@ def parse_message(value: Any, where: str) -> Message:
         raise SkipRecord("missing_field", f"{where} has no 'content' (or 'value')")
     if not isinstance(role, str):
         raise SkipRecord("bad_type", f"{where}.role is a {type_name(role)}, expected a string")
-    return Message(normalise_role(role, where), content_text(content, f"{where}.content"))
+    text, parts = parse_content(content, f"{where}.content")
+    return Message(normalise_role(role, where), text, parts)
 
 
 def parse_messages(value: Any, where: str) -> tuple[Message, ...]:
@@ -184,7 +208,7 @@ def finish(prompt: Prompt, responses: list[str], scores: list[float], names: lis
 
 
 def refuse_media(obj: Mapping[str, Any]) -> None:
-    """``image_unsupported`` when the raw record names media (a non-empty ``images``, ``image``, ...)."""
+    """``image_unsupported`` when the raw record names other media (a non-empty ``videos``, ``audio``, ...)."""
     if _MEDIA_FIELD_SET.isdisjoint(obj):
         return
     for name in MEDIA_FIELDS:
@@ -194,7 +218,7 @@ def refuse_media(obj: Mapping[str, Any]) -> None:
 
 
 def refuse_placeholders(rec: PreferenceRecord) -> None:
-    """``image_unsupported`` when the prompt or a response holds an ``<image>`` (LLaVA/LLaMA-Factory) tag."""
+    """``image_unsupported`` when the prompt or a response holds a ``<video>`` or ``<audio>`` tag."""
     texts = [rec.prompt] if isinstance(rec.prompt, str) else [m.content for m in rec.prompt]
     for text in (*texts, *rec.responses):
         found = _PLACEHOLDER_RE.search(text)

@@ -18,8 +18,10 @@ Parquet and Arrow files and folders (``datasets``' ``to_parquet``, ``save_to_dis
 dataset's shards) are read by ``columnar.py``, row by row (``line`` = 1-based row number); a folder input
 expands to its data files, each read and reported on its own.
 
-Every record naming media (``images``, an image part, an ``<image>`` placeholder) is skipped as
-``image_unsupported`` (``messages.refuse_media``), whatever the format.
+Images, in every format: the record's ``images`` (or ``image``) column, paths relative to the data file's
+folder, embedded bytes or base64 (``image_refs.images_of``), with one ``<image>`` placeholder or
+``{"type": "image"}`` part per image in the prompt (``image_refs.check_images``). Other media (videos,
+audio) are skipped as ``image_unsupported`` (``messages.refuse_media``).
 A record holding a lone surrogate escape (``"\\ud800"``, which Python's ``json.dumps`` writes for a
 broken string) is ``bad_utf8`` (it cannot be encoded, so no tokenizer takes it). A gzip stream that ends
 early (a cut download) keeps every record before the cut and adds one ``truncated_file`` skip.
@@ -40,6 +42,7 @@ from typing import IO, Any
 
 from megatron_prefix.data.columnar import columnar_kind, folder_files, iter_columnar
 from megatron_prefix.data.formats import CANONICAL_FIELDS, FORMATS, PARSERS, SKIP_REASONS, guess_format
+from megatron_prefix.data.image_refs import check_images, images_of
 from megatron_prefix.data.messages import refuse_media, refuse_placeholders
 from megatron_prefix.data.records import PreferenceRecord, Skipped, SkipRecord
 
@@ -386,6 +389,7 @@ def _stream(plan: list[tuple[Path, str]], field_map: dict[str, str]) -> Iterator
     for path, fmt in plan:
         parse = PARSERS[fmt]
         source = str(path)
+        base_dir = path.parent
         for line, value in iter_raw(path):
             try:
                 if isinstance(value, SkipRecord):
@@ -395,10 +399,13 @@ def _stream(plan: list[tuple[Path, str]], field_map: dict[str, str]) -> Iterator
                 refuse_media(value)
                 rec = parse(value, field_map)
                 refuse_placeholders(rec)
+                images = images_of(value, field_map, base_dir)
+                rec = PreferenceRecord(rec.prompt, rec.responses, rec.scores, source, line, images)
+                check_images(rec)
             except SkipRecord as e:
                 yield Skipped(source, line, e.reason, e.detail)
                 continue
             except RecursionError:
                 yield Skipped(source, line, "malformed_json", "nesting too deep")
                 continue
-            yield PreferenceRecord(rec.prompt, rec.responses, rec.scores, source, line)
+            yield rec

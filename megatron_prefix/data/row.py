@@ -26,6 +26,12 @@ Per response (length R, in row order): ``resp_spans`` [R, 2] (start, end) row po
 ``resp_doc`` [R]; ``resp_unit`` [R] the global unit id (the loss groups responses by it, identically in
 both layouts); ``resp_slot`` [R] the response's index inside its original unit; ``resp_scores`` [R].
 
+Images (``docs/vision.md``): ``images`` [N, C, H, W] float32, the row's images in token order (the
+documents' images one after the other; in the unshared layout each ``[prompt, r_i]`` document brings its
+own copy), None for a row without images; ``image_index`` [T] int32: -1, or for an image token the index
+of its feature row among the row's ``N * tokens_per_image`` image feature rows (0, 1, 2, ... in token
+order, as HF's ``masked_scatter`` fills them).
+
 Pure numpy: no torch, no megatron.
 """
 
@@ -60,6 +66,13 @@ class PackedRow:
     resp_unit: np.ndarray
     resp_slot: np.ndarray
     resp_scores: np.ndarray
+    images: np.ndarray | None = None  # [N, C, H, W] float32, None without images
+    image_index: np.ndarray | None = None  # [T] int32, -1 for non-image tokens (pack_row always sets it)
+
+    @property
+    def num_images(self) -> int:
+        """Images of the row (0 without)."""
+        return 0 if self.images is None else len(self.images)
 
     @property
     def pack_tokens(self) -> int:
@@ -91,6 +104,15 @@ class PackedRow:
         assert np.all(self.pred_index[self.loss_mask == 0] == -1)
         for (s, e), d in zip(self.resp_spans.tolist(), self.resp_doc.tolist()):
             assert self.cu_docs[d] <= s < e <= self.cu_docs[d + 1]
+        if self.image_index is not None:
+            assert len(self.image_index) == t, "image_index"
+            where = np.nonzero(self.image_index >= 0)[0]
+            assert np.array_equal(self.image_index[where], np.arange(len(where))), "image_index order"
+            assert np.all(self.segment_ids[where] == 0), "image token outside a prompt"
+            n = self.num_images
+            assert (len(where) == 0) == (n == 0) and (n == 0 or len(where) % n == 0), (
+                f"{len(where)} image tokens for {n} images"
+            )
 
     def dense_mask(self) -> np.ndarray:
         """[T, T] boolean mask, True where query (row) may attend key (column). O(T^2): tests only."""
@@ -120,6 +142,9 @@ def pack_row(docs: Sequence[Unit], pack_tokens: int, pad_id: int) -> PackedRow:
     segment_ids = np.full(pack_tokens, PAD_SEG, dtype=np.int32)
     loss_mask = np.zeros(pack_tokens, dtype=np.int8)
     pred_index = np.full(pack_tokens, -1, dtype=np.int32)
+    image_index = np.full(pack_tokens, -1, dtype=np.int32)
+    images: list[np.ndarray] = []
+    features = 0  # image feature rows so far
     cu_docs = np.zeros(len(docs) + 1, dtype=np.int32)
     prompt_lens = np.zeros(len(docs), dtype=np.int32)
     spans, resp_doc, resp_unit, resp_slot, resp_scores = [], [], [], [], []
@@ -134,6 +159,11 @@ def pack_row(docs: Sequence[Unit], pack_tokens: int, pad_id: int) -> PackedRow:
         segment_ids[sl] = unit.segment_ids()
         prompt_lens[d] = unit.prompt_len
         pred_index[sl] = sharing.unit_pred_index(unit.prompt_len, unit.response_lens.tolist(), offset)
+        if unit.images is not None:
+            at = offset + np.nonzero(unit.prompt_ids == unit.image_token_id)[0]
+            image_index[at] = features + np.arange(len(at), dtype=np.int32)
+            features += len(at)
+            images.append(unit.images)
         start = offset + unit.prompt_len
         for i, r in enumerate(unit.response_ids):
             end = start + len(r)
@@ -161,6 +191,8 @@ def pack_row(docs: Sequence[Unit], pack_tokens: int, pad_id: int) -> PackedRow:
         resp_unit=np.asarray(resp_unit, dtype=np.int64),
         resp_slot=np.asarray(resp_slot, dtype=np.int32),
         resp_scores=np.asarray(resp_scores, dtype=np.float32),
+        images=np.concatenate(images).astype(np.float32, copy=False) if images else None,
+        image_index=image_index,
     )
 
 
@@ -174,5 +206,6 @@ def layout_docs(units: Sequence[Unit], layout: str) -> list[Unit]:
 
 
 def row_field_names() -> list[str]:
-    """Names of the array fields of ``PackedRow`` (for collation and serialization)."""
+    """Names of the array fields of ``PackedRow`` (for collation and serialization); ``images`` may be
+    None (a row without images) and its first dimension varies from row to row."""
     return [f.name for f in fields(PackedRow)]

@@ -1,5 +1,11 @@
 """Dataset statistics: what sharing saves, what was skipped or truncated, how well rows pack.
 
+Image datasets (``StatsAccumulator(images=True)``) add ``images`` (stored: one copy per unit),
+``image_tokens`` (prompt tokens that are image tokens, counted in the prompt and unit lengths too),
+``images_encoded_shared`` (images the vision encoder runs on per epoch in the shared layout: once per
+unit) and ``images_encoded_unshared`` (once per ``[prompt, r_i]``: K times per unit), and
+``image_encoder_ratio`` (unshared / shared). Text datasets have none of these keys.
+
 ``StatsAccumulator`` is fed every unit and every skip while a dataset is built; ``finish()`` returns the
 ``stats.json`` dictionary. ``format_stats`` renders it as the table ``tools/dataset_stats.py`` prints.
 
@@ -24,7 +30,11 @@ PERCENTILES = (50, 90, 99, 100)
 class StatsAccumulator:
     """Running counts for ``stats.json``."""
 
-    def __init__(self) -> None:
+    def __init__(self, images: bool = False) -> None:
+        self.with_images = images
+        self.images = 0
+        self.image_tokens = 0
+        self.images_unshared = 0
         self.records_read = 0
         self.duplicate_records = 0  # records equal (prompt, responses, scores) to an earlier one: kept
         self._seen: set[bytes] = set()  # 8-byte digests of the records read (about 80 bytes a record)
@@ -42,7 +52,10 @@ class StatsAccumulator:
 
     def add_record(self, record: PreferenceRecord) -> None:
         """Count one parsed record as a duplicate when an earlier record had the same content."""
-        key = hashlib.blake2b(repr((record.prompt, record.responses, record.scores)).encode(), digest_size=8)
+        content = (record.prompt, record.responses, record.scores)
+        if record.images:
+            content += (tuple(ref.key() for ref in record.images),)
+        key = hashlib.blake2b(repr(content).encode(), digest_size=8)
         digest = key.digest()
         if digest in self._seen:
             self.duplicate_records += 1
@@ -60,6 +73,9 @@ class StatsAccumulator:
         self.unshared_lens.append(unit.unshared_len)
         self.prompt_lens.append(unit.prompt_len)
         self.response_lens.extend(int(n) for n in unit.response_lens)
+        self.images += unit.num_images
+        self.images_unshared += unit.num_images * unit.k
+        self.image_tokens += unit.num_image_tokens
 
     def finish(self, pack_tokens: int, pack_fill: Callable[[np.ndarray, int], tuple[float, int]]) -> dict:
         """The ``stats.json`` dict; ``pack_fill(lengths, capacity) -> (fill, rows)`` packs each layout."""
@@ -69,7 +85,7 @@ class StatsAccumulator:
         fits = bool(len(unshared) == 0 or unshared.max() <= pack_tokens)
         fill_u, rows_u = pack_fill(unshared, pack_tokens) if len(unshared) and fits else (None, None)
         units = int(len(shared))
-        return {
+        result = {
             "records_read": self.records_read,
             "units": units,
             "responses": int(len(self.response_lens)),
@@ -102,6 +118,15 @@ class StatsAccumulator:
                 )
             },
         }
+        if self.with_images:
+            result.update({
+                "images": self.images,
+                "image_tokens": self.image_tokens,
+                "images_encoded_shared": self.images,
+                "images_encoded_unshared": self.images_unshared,
+                "image_encoder_ratio": round(self.images_unshared / self.images, 4) if self.images else None,
+            })
+        return result
 
 
 def _percentiles(values: np.ndarray) -> dict:
@@ -134,6 +159,12 @@ def format_stats(stats: dict) -> str:
     row("attention pairs shared", f"{stats['shared_attention_pairs']:,}")
     row("attention pairs unshared", f"{stats['unshared_attention_pairs']:,}")
     row("attention pair ratio", stats["attention_pair_ratio"])
+    if "images" in stats:
+        row("images (stored)", stats["images"])
+        row("image tokens (in prompts)", f"{stats['image_tokens']:,}")
+        row("images encoded shared", stats["images_encoded_shared"])
+        row("images encoded unshared", stats["images_encoded_unshared"])
+        row("image encoder ratio", stats["image_encoder_ratio"])
     row("pack tokens", stats["pack_tokens"])
     row("pack fill (shared)", f"{stats['pack_fill']} in {stats['rows']} rows")
     if stats.get("pack_fill_unshared") is not None:

@@ -7,8 +7,12 @@ A built dataset directory holds::
                         int64 resp_offsets [U+1] (into the per-response arrays), int32 resp_lens [R],
                         float32 resp_scores [R], int32 resp_slots [R], int64 unit_records [U]
                         (record ordinal the unit came from); plain .npy (deterministic, mmap-able)
+    images.bin          (image datasets only) float32 [I, C, H, W] preprocessed images, unit by unit, in
+                        token order; index/unit_image_offsets.npy int64 [U+1] (into images.bin)
     meta.json           tokenizer (kind, path, vocab size, special ids, hash), build options, inputs,
-                        max_token_id (the largest id in tokens.bin)
+                        max_token_id (the largest id in tokens.bin); for image datasets ``images``:
+                        processor settings, shape, dtype, image_token_id, tokens_per_image, count and
+                        the sha256 of images.bin
     stats.json          see ``megatron_prefix.data.stats``
     skipped.jsonl       one line per skipped record: file, line, reason, detail
 
@@ -21,6 +25,7 @@ Pure numpy: no torch, no megatron.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from array import array
@@ -35,6 +40,8 @@ TOKENS_FILE = "tokens.bin"
 INDEX_DIR = "index"
 INDEX_ARRAYS = ("unit_offsets", "prompt_lens", "resp_offsets", "resp_lens", "resp_scores", "resp_slots", "unit_records")
 META_FILE = "meta.json"
+IMAGES_FILE = "images.bin"
+IMAGE_OFFSETS = "unit_image_offsets"
 FORMAT_VERSION = 1
 
 
@@ -48,7 +55,7 @@ def write_json(path: Path, obj: Any) -> None:
 class UnitWriter:
     """Append units to a dataset directory; ``close(meta)`` writes the index and metadata."""
 
-    def __init__(self, out_dir: str | Path):
+    def __init__(self, out_dir: str | Path, images: bool = False):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._tmp_tokens = self.dir / (TOKENS_FILE + ".tmp")
@@ -61,6 +68,10 @@ class UnitWriter:
         self.resp_slots = array("i")
         self.unit_records = array("q")
         self.max_token_id = -1  # recorded in meta.json: checked against a model's vocabulary before training
+        self._img_fh = open(self.dir / (IMAGES_FILE + ".tmp"), "wb") if images else None
+        self.image_offsets = array("q", [0])
+        self._img_hash = hashlib.sha256()
+        self.image_shape: tuple[int, ...] | None = None
 
     @property
     def num_units(self) -> int:
@@ -79,12 +90,34 @@ class UnitWriter:
         self.resp_slots.extend(int(s) for s in unit.slots)
         self.resp_offsets.append(len(self.resp_lens))
         self.unit_records.append(record_ordinal)
+        if self._img_fh is not None:
+            n = 0
+            if unit.images is not None:
+                pixels = np.ascontiguousarray(unit.images, dtype="<f4")
+                if self.image_shape is None:
+                    self.image_shape = tuple(pixels.shape[1:])
+                assert tuple(pixels.shape[1:]) == self.image_shape, "images of one dataset share a shape"
+                data = pixels.tobytes()
+                self._img_fh.write(data)
+                self._img_hash.update(data)
+                n = len(pixels)
+            self.image_offsets.append(self.image_offsets[-1] + n)
+        elif unit.images is not None:
+            raise ValueError("a unit with images, but the dataset writer was opened without images")
         return self.num_units - 1
 
     def close(self, meta: dict) -> None:
         """Flush tokens, write the index arrays and meta.json (last: its presence marks completion)."""
         self._fh.close()
         os.replace(self._tmp_tokens, self.dir / TOKENS_FILE)
+        meta = dict(meta)
+        extra: dict[str, np.ndarray] = {}
+        if self._img_fh is not None:
+            self._img_fh.close()
+            os.replace(self.dir / (IMAGES_FILE + ".tmp"), self.dir / IMAGES_FILE)
+            extra[IMAGE_OFFSETS] = np.frombuffer(self.image_offsets, dtype=np.int64)
+            meta["images"] = {**meta["images"], "count": int(self.image_offsets[-1]),
+                              "sha256": self._img_hash.hexdigest()}
         arrays = {
             "unit_offsets": np.frombuffer(self.unit_offsets, dtype=np.int64),
             "prompt_lens": np.frombuffer(self.prompt_lens, dtype=np.int32),
@@ -93,6 +126,7 @@ class UnitWriter:
             "resp_scores": np.frombuffer(self.resp_scores, dtype=np.float32),
             "resp_slots": np.frombuffer(self.resp_slots, dtype=np.int32),
             "unit_records": np.frombuffer(self.unit_records, dtype=np.int64),
+            **extra,
         }
         index_dir = self.dir / INDEX_DIR
         index_dir.mkdir(exist_ok=True)
@@ -147,7 +181,41 @@ class UnitStore:
         self.tokens = (
             np.memmap(self.dir / TOKENS_FILE, dtype="<i4", mode="r") if size else np.zeros(0, dtype=np.int32)
         )
+        self.images_meta: dict | None = self.meta.get("images")
+        self.images: np.ndarray | None = None  # [I, C, H, W] float32, memory-mapped
+        self.image_offsets: np.ndarray | None = None
+        if self.images_meta is not None:
+            self._open_images()
         self._check()
+
+    def _open_images(self) -> None:
+        """Memory-map images.bin as [I, C, H, W] float32 and load unit_image_offsets (checked)."""
+        meta = self.images_meta
+        offsets_path = self.dir / INDEX_DIR / f"{IMAGE_OFFSETS}.npy"
+        for path in (self.dir / IMAGES_FILE, offsets_path):
+            if not path.is_file():
+                raise ValueError(f"{self.dir}: an image dataset (meta.json has 'images') without {path.name}; "
+                                 "rebuild it with tools/build_dataset.py")
+        try:
+            shape = tuple(int(x) for x in meta["shape"])
+            count = int(meta["count"])
+            self.image_token_id = int(meta["image_token_id"])
+            self.tokens_per_image = int(meta["tokens_per_image"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{self.dir / META_FILE}: corrupt 'images' entry ({err}); rebuild the dataset") from err
+        if meta.get("dtype") != "float32":
+            raise ValueError(f"{self.dir / META_FILE}: images dtype {meta.get('dtype')!r} is not float32")
+        size = os.path.getsize(self.dir / IMAGES_FILE)
+        if size != count * 4 * int(np.prod(shape)):
+            raise ValueError(f"{self.dir / IMAGES_FILE}: corrupt dataset ({size} bytes for {count} images of "
+                             f"shape {list(shape)}); rebuild it with tools/build_dataset.py")
+        self.images = (np.memmap(self.dir / IMAGES_FILE, dtype="<f4", mode="r", shape=(count, *shape))
+                       if count else np.zeros((0, *shape), dtype=np.float32))
+        self.image_offsets = _load_index(offsets_path)
+        if len(self.image_offsets) != len(self.prompt_lens) + 1 or int(self.image_offsets[-1]) != count:
+            raise ValueError(f"{offsets_path}: corrupt dataset ({len(self.image_offsets)} offsets ending at "
+                             f"{int(self.image_offsets[-1]) if len(self.image_offsets) else None} for "
+                             f"{len(self.prompt_lens)} units, {count} images); rebuild it")
 
     def _check(self) -> None:
         """Cheap consistency checks: a corrupt or mixed dataset is an error naming the file."""
@@ -195,4 +263,16 @@ class UnitStore:
         r0, r1 = int(self.resp_offsets[i]), int(self.resp_offsets[i + 1])
         cuts = p + np.cumsum(self.resp_lens[r0:r1])[:-1]
         responses = np.split(toks[p:], cuts - p)
-        return Unit(toks[:p], responses, np.array(self.resp_scores[r0:r1]), i, np.array(self.resp_slots[r0:r1]))
+        images, image_token_id = None, None
+        if self.images is not None:
+            image_token_id = self.image_token_id
+            a, b = int(self.image_offsets[i]), int(self.image_offsets[i + 1])
+            images = np.array(self.images[a:b], dtype=np.float32) if b > a else None
+        return Unit(toks[:p], responses, np.array(self.resp_scores[r0:r1]), i, np.array(self.resp_slots[r0:r1]),
+                    images=images, image_token_id=image_token_id)
+
+    def image_counts(self) -> np.ndarray:
+        """[U] images of each unit (zeros for a text dataset)."""
+        if self.image_offsets is None:
+            return np.zeros(len(self), dtype=np.int64)
+        return np.diff(self.image_offsets)

@@ -86,12 +86,21 @@ def compile_template(source: str) -> jinja2.Template:
         raise TemplateError(f"chat template does not compile: {err}") from err
 
 
-def messages_to_dicts(messages: Sequence[Message | dict]) -> list[dict]:
-    """``Message`` objects (or dicts) -> the ``[{"role", "content"}]`` list templates expect."""
+def part_dicts(parts: Sequence[tuple[str, str]]) -> list[dict]:
+    """``Message.parts`` -> the content-part list HF templates take (``{"type": "image"}``, text parts)."""
+    return [{"type": "image"} if kind == "image" else {"type": "text", "text": text} for kind, text in parts]
+
+
+def messages_to_dicts(messages: Sequence[Message | dict], parts: bool = False) -> list[dict]:
+    """``Message`` objects (or dicts) -> the ``[{"role", "content"}]`` list templates expect.
+
+    With ``parts``, a message holding image parts gets its content-part list (``part_dicts``); else every
+    content is its (flattened) text."""
     out = []
     for m in messages:
         if isinstance(m, Message):
-            out.append({"role": m.role, "content": m.content})
+            content = part_dicts(m.parts) if parts and m.parts is not None else m.content
+            out.append({"role": m.role, "content": content})
         else:
             out.append({"role": m["role"], "content": m["content"]})
     return out
@@ -103,11 +112,13 @@ def render_template(
     add_generation_prompt: bool,
     special_tokens: dict[str, str | None] | None = None,
     today: date | None = None,
+    parts: bool = False,
 ) -> str:
     """Render ``messages`` with template ``source``; ``special_tokens`` gives ``bos_token``, ``eos_token``, ...
 
     ``today`` pins what ``strftime_now`` prints (midnight of that day); None reads the clock, as
-    transformers does. Raises ``TemplateError`` when the template raises or fails.
+    transformers does. ``parts``: messages with image parts are given as content-part lists
+    (``messages_to_dicts``). Raises ``TemplateError`` when the template raises or fails.
     """
     tmpl = compile_template(source)
     variables: dict[str, Any] = {k: v for k, v in (special_tokens or {}).items() if v is not None}
@@ -116,7 +127,7 @@ def render_template(
         variables["strftime_now"] = pinned.strftime
     try:
         return tmpl.render(
-            messages=messages_to_dicts(messages), add_generation_prompt=add_generation_prompt, **variables
+            messages=messages_to_dicts(messages, parts), add_generation_prompt=add_generation_prompt, **variables
         )
-    except jinja2.exceptions.TemplateError as err:
+    except (jinja2.exceptions.TemplateError, TypeError) as err:  # TypeError: str + list in a template
         raise TemplateError(f"chat template failed: {err}") from err

@@ -26,7 +26,7 @@ from datetime import date
 from pathlib import Path
 
 from megatron_prefix.data.records import Message
-from megatron_prefix.data.templates import PLAIN_CHAT_TEMPLATE, render_template
+from megatron_prefix.data.templates import PLAIN_CHAT_TEMPLATE, TemplateError, render_template
 
 BYTE_EOS = 256
 BYTE_PAD = 257
@@ -68,8 +68,13 @@ class Tokenizer:
         """True when the tokenizer ships its own chat template (else the plain template is used)."""
         return self.chat_template is not None
 
-    def render_chat(self, messages: Sequence[Message | dict], add_generation_prompt: bool) -> str:
-        """Render messages with the tokenizer's chat template (or the plain one); raises ``TemplateError``."""
+    def render_chat(
+        self, messages: Sequence[Message | dict], add_generation_prompt: bool, parts: bool = False
+    ) -> str:
+        """Render messages with the tokenizer's chat template (or the plain one); raises ``TemplateError``.
+
+        ``parts``: messages with image parts are given as content-part lists when the template takes
+        them (``takes_parts``), else as their flattened text (each image part ``"<image>\n"``)."""
         specials = {"bos_token": self.bos_token, "eos_token": self.eos_token}
         return render_template(
             self.chat_template or PLAIN_CHAT_TEMPLATE,
@@ -77,7 +82,32 @@ class Tokenizer:
             add_generation_prompt,
             specials,
             today=self.template_date,
+            parts=parts and self.takes_parts,
         )
+
+    @property
+    def takes_parts(self) -> bool:
+        """Whether the chat template renders content-part lists (decided once by a probe).
+
+        Probe: ``[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROBE}]}]``
+        with the generation prompt; the template takes parts when it renders without error, writes the
+        probe text and does not write the part dicts themselves (``{'type': ...}``). The plain template
+        takes strings only."""
+        cached = getattr(self, "_takes_parts", None)
+        if cached is None:
+            cached = False
+            if self.chat_template is not None:
+                probe = "Xq7 probe text"
+                msgs = [Message("user", "<image>\n" + probe, (("image", ""), ("text", probe)))]
+                specials = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+                try:
+                    out = render_template(self.chat_template, msgs, True, specials, today=self.template_date,
+                                          parts=True)
+                    cached = probe in out and "'type'" not in out and '"type"' not in out
+                except TemplateError:
+                    cached = False
+            self._takes_parts = cached
+        return cached
 
     def _files(self) -> list[Path]:
         return []

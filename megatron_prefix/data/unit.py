@@ -9,6 +9,11 @@ Per token, the shared layout gives:
 - segment id: 0 for the prompt, ``i`` (1-based) for response i;
 - loss mask: 1 on every response token (each is predicted: the first from the last prompt position).
 
+Images (``docs/vision.md``): ``images`` [n, C, H, W] float32, in token order, and ``image_token_id``;
+each image is ``tokens_per_image`` copies of ``image_token_id`` in the prompt (never in a response).
+``images`` is None for a unit without images; ``image_token_id`` is set for every unit of an image
+dataset (None for text datasets).
+
 Pure numpy: no torch, no megatron.
 """
 
@@ -30,6 +35,8 @@ class Unit:
     scores: np.ndarray  # [K] float32, higher is better
     unit_id: int = -1  # global id in the dataset; the loss groups responses by it
     slots: np.ndarray = field(default=None)  # [K] int: index of each response in the original unit
+    images: np.ndarray | None = None  # [n, C, H, W] float32, in token order; None without images
+    image_token_id: int | None = None  # the image token of an image dataset; None for text
 
     def __post_init__(self) -> None:
         self.prompt_ids = np.asarray(self.prompt_ids, dtype=np.int32)
@@ -40,6 +47,28 @@ class Unit:
         assert len(self.prompt_ids) >= 1, "a unit needs a non-empty prompt"
         assert len(self.response_ids) == len(self.scores) == len(self.slots)
         assert all(len(r) >= 1 for r in self.response_ids), "empty response"
+        if self.images is not None:
+            assert self.image_token_id is not None, "a unit with images needs image_token_id"
+            assert self.images.ndim == 4 and len(self.images) >= 1, "images must be [n, C, H, W], n >= 1"
+        if self.image_token_id is not None:
+            n_tok = self.num_image_tokens
+            n_img = 0 if self.images is None else len(self.images)
+            assert (n_tok == 0) == (n_img == 0) and (n_img == 0 or n_tok % n_img == 0), (
+                f"{n_tok} image tokens for {n_img} images"
+            )
+            assert all(self.image_token_id not in r for r in self.response_ids), "image token in a response"
+
+    @property
+    def num_images(self) -> int:
+        """Images of the prompt (0 without)."""
+        return 0 if self.images is None else len(self.images)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Prompt tokens that are image tokens (``num_images * tokens_per_image``)."""
+        if self.image_token_id is None:
+            return 0
+        return int(np.count_nonzero(self.prompt_ids == self.image_token_id))
 
     @property
     def k(self) -> int:
@@ -88,8 +117,10 @@ class Unit:
         return np.concatenate([self.prompt_ids, self.response_ids[i]]).astype(np.int32)
 
     def split_unshared(self) -> list[Unit]:
-        """The duplicated layout: K units of one response each, keeping ``unit_id`` and slots."""
+        """The duplicated layout: K units of one response each, keeping ``unit_id``, slots and images (each
+        piece carries its own copy of the prompt's images)."""
         return [
-            Unit(self.prompt_ids, [r], self.scores[i : i + 1], self.unit_id, self.slots[i : i + 1])
+            Unit(self.prompt_ids, [r], self.scores[i : i + 1], self.unit_id, self.slots[i : i + 1],
+                 images=None if self.images is None else self.images.copy(), image_token_id=self.image_token_id)
             for i, r in enumerate(self.response_ids)
         ]

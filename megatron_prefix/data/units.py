@@ -40,7 +40,20 @@ with ``best`` again. A group whose responses all tie with ``best`` carries no pr
 ``split_records`` (records) and ``split_units`` (the units they gave). Inside a unit, responses keep their
 original order and ``slots`` are their original indices; ``unit_id`` is -1 (assigned later).
 
-Pure Python + numpy: no torch, no megatron.
+Images (``UnitBuilder(..., images=ImageSpec)``, see ``docs/vision.md``): the prompt is rendered and
+tokenized as above (a chat template that takes content-part lists gets them, see
+``Tokenizer.takes_parts``); the tokenized prompt must hold one image token (``image_token_id``) per image
+(else ``image_count_mismatch``) and no response may hold one (``image_in_response``); then every image
+token becomes ``tokens_per_image`` copies, as ``LlavaProcessor`` expands ``<image>`` in the text, so the
+image tokens are ordinary prompt tokens for the length limits and statistics. Responses are sliced off
+the joint tokenization before the expansion, so they are the same as without images. Truncation never
+cuts inside an image: dropping a prompt turn drops the images of its messages too (counted in
+``prompt_images_dropped``), the prompt is otherwise never cut, and response tails (which hold no image
+token) are the only token-level cut. The images left are decoded and preprocessed once per record
+(``images.load_pixels``; an unreadable one skips the record as ``bad_image``) and every unit of the
+record carries them (``Unit.images``, in token order).
+
+Pure Python + numpy + PIL: no torch, no megatron.
 """
 
 from __future__ import annotations
@@ -53,6 +66,7 @@ import numpy as np
 
 from megatron_prefix.config import require
 from megatron_prefix.data.records import Message, PreferenceRecord, Prompt, SkipRecord
+from megatron_prefix.data.images import ImageSpec, load_pixels
 from megatron_prefix.data.templates import TemplateError, parse_template_date
 from megatron_prefix.data.tokenizers import Tokenizer
 from megatron_prefix.data.unit import Unit
@@ -114,9 +128,9 @@ def tokenize_record(
     else:
         messages = list(prompt)
         try:
-            prompt_text = tok.render_chat(messages, add_generation_prompt=True)
+            prompt_text = tok.render_chat(messages, add_generation_prompt=True, parts=True)
             texts = [
-                tok.render_chat(messages + [Message("assistant", r)], add_generation_prompt=False)
+                tok.render_chat(messages + [Message("assistant", r)], add_generation_prompt=False, parts=True)
                 for r in responses
             ]
         except TemplateError as err:
@@ -143,18 +157,52 @@ def tokenize_record(
     return prompt_ids, resp
 
 
+def drop_first_turn_indices(messages: Sequence[Message]) -> list[int] | None:
+    """Indices of the messages kept by ``drop_first_turn``; None when nothing can be dropped."""
+    msgs = list(messages)
+    start = 1 if msgs and msgs[0].role == "system" else 0
+    users = [i for i, m in enumerate(msgs) if m.role == "user" and i > start]
+    if not users:
+        return None
+    return list(range(start)) + list(range(users[0], len(msgs)))
+
+
 def drop_first_turn(messages: Sequence[Message]) -> list[Message] | None:
     """The prompt without its oldest turn (keeping a leading system message and the last user message).
 
     A turn is the messages from the first non-system message up to (excluding) the next user message.
     Returns None when nothing can be dropped.
     """
-    msgs = list(messages)
-    start = 1 if msgs and msgs[0].role == "system" else 0
-    users = [i for i, m in enumerate(msgs) if m.role == "user" and i > start]
-    if not users:
-        return None
-    return msgs[:start] + msgs[users[0] :]
+    keep = drop_first_turn_indices(messages)
+    return None if keep is None else [messages[i] for i in keep]
+
+
+def expand_image_tokens(
+    prompt_ids: list[int], responses: Sequence[Sequence[int]], num_images: int, spec: ImageSpec
+) -> list[int]:
+    """Check the image tokens (one per image in the prompt, none in a response) and expand each into
+    ``spec.tokens_per_image`` copies; raises ``SkipRecord`` (``image_in_response``,
+    ``image_count_mismatch``)."""
+    tid = spec.image_token_id
+    for i, r in enumerate(responses):
+        if tid in r:
+            raise SkipRecord("image_in_response", f"response {i} holds the image token {tid}")
+    found = prompt_ids.count(tid)
+    if found != num_images:
+        raise SkipRecord(
+            "image_count_mismatch",
+            f"the tokenized prompt holds {found} image token(s) (id {tid}, {spec.image_token!r}) for "
+            f"{num_images} image(s); does the chat template write {spec.image_token!r} for an image part?",
+        )
+    if not found:
+        return prompt_ids
+    out: list[int] = []
+    for t in prompt_ids:
+        if t == tid:
+            out.extend([tid] * spec.tokens_per_image)
+        else:
+            out.append(t)
+    return out
 
 
 def tail_cap(prompt_len: int, best_len: int, other_len: int, max_tokens: int) -> int:
@@ -171,10 +219,19 @@ def tail_cap(prompt_len: int, best_len: int, other_len: int, max_tokens: int) ->
 class UnitBuilder:
     """Builds units from records with one tokenizer and config; counts what it truncated and skipped."""
 
-    def __init__(self, tokenizer: Tokenizer, cfg: UnitConfig | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, cfg: UnitConfig | None = None, images: ImageSpec | None = None) -> None:
         self.tok = tokenizer
         self.cfg = cfg or UnitConfig()
         self.cfg.validate()
+        self.images = images
+        if images is not None:
+            ids = tokenizer.encode(images.image_token, add_special=False)
+            if ids != [images.image_token_id]:
+                raise ValueError(
+                    f"tokenizer {tokenizer.path}: {images.image_token!r} tokenizes to {ids}, not to the model's "
+                    f"image token [{images.image_token_id}] ({images.source}/config.json image_token_index); "
+                    "use the model's own tokenizer (--tokenizer with the same folder)"
+                )
         if self.cfg.template_date is not None:
             self.tok.template_date = parse_template_date(self.cfg.template_date)
         self.truncated: Counter[str] = Counter()
@@ -194,9 +251,21 @@ class UnitBuilder:
         cfg = self.cfg
         if record.k < 2:
             raise SkipRecord("too_few_responses", f"{record.k} response(s)")
+        before = self.truncated.copy()
         prompt = record.prompt
+        spec = self.images
+        if record.images and spec is None:
+            raise ValueError(f"{record.where()}: a record with images needs an image spec (--image-processor)")
+        kept_images = list(range(len(record.images)))  # indices of the images still in the prompt
         mismatch: Counter[str] = Counter()  # of the final tokenization only (turns may be dropped below)
-        prompt_ids, resp = tokenize_record(self.tok, prompt, record.responses, mismatch)
+
+        def tokenize(p: Prompt) -> tuple[list[int], list[list[int]]]:
+            p_ids, r_ids = tokenize_record(self.tok, p, record.responses, mismatch)
+            if spec is not None:
+                p_ids = expand_image_tokens(p_ids, r_ids, len(kept_images), spec)
+            return p_ids, r_ids
+
+        prompt_ids, resp = tokenize(prompt)
         if not prompt_ids:
             raise SkipRecord("empty_prompt", "the prompt tokenizes to nothing")
         keep = [i for i, r in enumerate(resp) if len(r) >= cfg.min_response_tokens]
@@ -225,17 +294,22 @@ class UnitBuilder:
                     f"{other_len} tokens > max_unit_tokens {cfg.max_unit_tokens} (truncation off)",
                 )
             dropped = 0
+            images_before = len(kept_images)
             while total > cfg.max_unit_tokens and not isinstance(prompt, str):
-                shorter = drop_first_turn(prompt)
-                if shorter is None:
+                keep = drop_first_turn_indices(prompt)
+                if keep is None:
                     break
-                prompt, dropped = tuple(shorter), dropped + 1
+                starts = np.cumsum([0] + [m.num_images for m in prompt]).tolist()
+                kept_images = [kept_images[j] for i in keep for j in range(starts[i], starts[i + 1])]
+                prompt, dropped = tuple(prompt[i] for i in keep), dropped + 1
                 mismatch.clear()
-                prompt_ids, resp = tokenize_record(self.tok, prompt, record.responses, mismatch)
+                prompt_ids, resp = tokenize(prompt)
                 total, best_len, other_len = need()
             if dropped:
                 self.truncated["prompt_turns_dropped"] += dropped
                 self.truncated["prompt_truncated"] += 1
+                if images_before > len(kept_images):
+                    self.truncated["prompt_images_dropped"] += images_before - len(kept_images)
             if total > cfg.max_unit_tokens:
                 cap = tail_cap(len(prompt_ids), best_len, other_len, cfg.max_unit_tokens)
                 if cap < cfg.min_response_tokens:
@@ -249,6 +323,13 @@ class UnitBuilder:
                 for i in cut:
                     resp[i] = resp[i][:cap]
                 self.truncated["response_tail_cut"] += len(cut)
+        pixels = None
+        if spec is not None and kept_images:  # decoded once per record, shared by its units
+            try:
+                pixels = load_pixels([record.images[i] for i in kept_images], spec.processor)
+            except SkipRecord:
+                self.truncated = before  # a skipped record counts no truncation
+                raise
         self.truncated.update(mismatch)
         groups = self._groups(order, [len(r) for r in resp], cfg.max_unit_tokens - len(prompt_ids))
         useful = []
@@ -270,6 +351,8 @@ class UnitBuilder:
                     [scores[i] for i in idx],
                     -1,
                     np.asarray(idx, dtype=np.int32),
+                    images=pixels,
+                    image_token_id=None if spec is None else spec.image_token_id,
                 )
             )
         return units

@@ -11,6 +11,14 @@
 - per response (length R, row-major: row 0's spans, then row 1's ...): ``resp_row``, ``resp_unit``,
   ``resp_slot``, ``resp_scores`` (what the loss groups and ranks by), ``resp_spans`` [R, 2].
 
+Images (``docs/vision.md``): ``pixel_values`` [N_total, C, H, W] float32, the rows' images concatenated
+(row 0's, then row 1's ...), or None when no row has images; ``image_feature_index`` [b, T/cp] int64
+(this CP rank's slice): -1 for a text token, else the row of the token's feature in the flattened
+projected features ``[N_total * tokens_per_image, h]`` (row r's ``PackedRow.image_index`` shifted by the
+feature rows of the rows before it). Every CP rank gets all of the micro-batch's images (the vision
+encoder runs on all of them, each rank scatters the features of its own positions). ``forward`` passes
+both only when ``pixel_values`` is not None, so the text path is unchanged.
+
 Under pipeline parallelism every stage builds the same ``MicroBatch`` (positions and the mask are
 needed by every stage's layers); the first stage also uses ``tokens``, the last stage ``index``.
 """
@@ -46,6 +54,12 @@ class MicroBatch:
     resp_scores: Tensor  # [R] float32
     cp_size: int = 1
     cp_rank: int = 0
+    pixel_values: Tensor | None = None  # [N_total, C, H, W] float32, or None
+    image_feature_index: Tensor | None = None  # [b, T/cp] int64, -1 for text tokens; None without images
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
 
     @property
     def num_responses(self) -> int:
@@ -101,6 +115,7 @@ class MicroBatch:
         def cat(parts: list[np.ndarray]) -> Tensor:
             return torch.from_numpy(np.concatenate(parts)).to(device)
 
+        pixel_values, feature_index = _images(rows, t)
         index = ScoringIndex(
             pred_s=cat(pred_s), pred_b=cat(pred_b), targets=cat(targets), resp_ids=cat(resp_ids),
             num_responses=offset, resp_lengths=cat(lengths),
@@ -118,6 +133,10 @@ class MicroBatch:
             resp_scores=cat(scores),
             cp_size=cp_size,
             cp_rank=cp_rank,
+            pixel_values=None if pixel_values is None else pixel_values.to(device),
+            image_feature_index=(
+                None if feature_index is None else split_for_cp(feature_index, cp_size, cp_rank).to(device)
+            ),
         )
 
     @classmethod
@@ -135,5 +154,24 @@ class MicroBatch:
         )
 
     def forward(self, model: Any, **kwargs: Any) -> Tensor:
-        """``model(tokens, position_ids, None, packed_seq_params=params, **kwargs)`` (any pipeline stage)."""
+        """``model(tokens, position_ids, None, packed_seq_params=params, **kwargs)`` (any pipeline stage),
+        plus ``pixel_values=`` and ``image_feature_index=`` when the micro-batch has images."""
+        if self.pixel_values is not None:
+            kwargs = {"pixel_values": self.pixel_values, "image_feature_index": self.image_feature_index, **kwargs}
         return model(self.tokens, self.position_ids, None, packed_seq_params=self.params, **kwargs)
+
+
+def _images(rows: Sequence[PackedRow], t: int) -> tuple[Tensor | None, Tensor | None]:
+    """``(pixel_values [N_total, C, H, W], image_feature_index [b, T])`` of full rows, or (None, None)."""
+    if all(r.images is None for r in rows):
+        return None, None
+    pixels, index, offset = [], np.full((len(rows), t), -1, dtype=np.int64), 0
+    for b, row in enumerate(rows):
+        if row.images is None:
+            continue
+        idx = row.image_index.astype(np.int64)
+        at = idx >= 0
+        index[b, at] = idx[at] + offset
+        offset += int(at.sum())
+        pixels.append(row.images)
+    return torch.from_numpy(np.concatenate(pixels).astype(np.float32, copy=False)), torch.from_numpy(index)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_prefix.config import from_dict, load_yaml, require
+from megatron_prefix.model.vision_config import VisionConfig, coerce_vision, llava_from_hf
 
 FAMILIES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("none", "linear", "llama3")
@@ -77,12 +78,16 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     init_method_std: float = 0.02
     params_dtype: str = "float32"  # converters and tools; a training recipe uses train.dtype (refused here)
+    vision: VisionConfig | None = None  # a LLaVA model's CLIP tower and projector; null = a text model
+    freeze_vision: bool = True  # LLaVA: the vision tower gets no gradient
+    freeze_projector: bool = False  # LLaVA: the projector gets no gradient
 
     def __post_init__(self) -> None:
         if self.rope_scaling is None:  # ``rope_scaling: null`` in YAML
             self.rope_scaling = RopeScaling()
         elif isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        self.vision = coerce_vision(self.vision)
 
     # ------------------------------------------------------------------ validation / sizes
 
@@ -134,6 +139,12 @@ class ModelConfig:
             f"{self.vocab_size} must be divisible by tp={tp} (pad the vocabulary in the checkpoint)",
         )
         self.rope_scaling.validate(p + "rope_scaling")
+        if self.vision is not None:
+            self.vision.validate(tp, p + "vision")
+            require(self.hidden_size % tp == 0, p + "hidden_size",
+                    f"{self.hidden_size} must be divisible by tp={tp} (the vision projector is split over it)")
+            require(self.vision.image_token_id < self.vocab_size, p + "vision.image_token_id",
+                    f"{self.vision.image_token_id} is outside the vocabulary (vocab_size={self.vocab_size})")
 
     # ------------------------------------------------------------------ constructors
 
@@ -282,8 +293,11 @@ def _hf_rope(hf: dict, where: str) -> tuple[float, RopeScaling]:
 
 def _from_hf(hf: dict, where: str) -> ModelConfig:
     family = hf.get("model_type")
+    if family == "llava":
+        return llava_from_hf(hf, where)
     if family not in FAMILIES:
-        raise ValueError(f"{where}: model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})")
+        raise ValueError(f"{where}: model_type {family!r} is not supported "
+                         f"(supported: {', '.join(FAMILIES)}, and llava over them)")
     defaults = _HF_DEFAULTS[family]
     act = hf.get("hidden_act", "silu")
     if act != "silu":

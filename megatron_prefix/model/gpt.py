@@ -50,6 +50,7 @@ class SharedPrefixGPTModel(GPTModel):
         share_embeddings_and_output_weights: bool = False,
         pg_collection: Any = None,
         vp_stage: int | None = None,
+        scatter_embedding_sequence_parallel: bool = True,
     ) -> None:
         if getattr(config, "apply_rope_fusion", False):
             raise ValueError("apply_rope_fusion: must be False (per-token RoPE uses the unfused path)")
@@ -67,6 +68,7 @@ class SharedPrefixGPTModel(GPTModel):
             position_embedding_type="none",
             pg_collection=pg_collection,
             vp_stage=vp_stage,
+            scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
         )
         self.rotary = rotary
         self._return_hidden = False  # set by forward for _postprocess

@@ -12,7 +12,9 @@ model, not read from globals):
 - ``impl="auto"``: ``te`` when CUDA and Transformer Engine are available, else ``local``.
 
 ``build_model`` builds a ``SharedPrefixGPTModel`` for the current parallel state (megatron's
-``parallel_state`` must be initialised, e.g. by ``megatron_prefix.parallel.init_parallel``).
+``parallel_state`` must be initialised, e.g. by ``megatron_prefix.parallel.init_parallel``), or a
+``SharedPrefixLLaVAModel`` (``model.llava``) when ``model_cfg.vision`` is set (its vision layer spec:
+``model.vision_spec``, megatron's ViT spec for the same ``impl``).
 ``build_reference_model`` builds megatron's *stock* ``GPTModel`` (stock causal core attention, stock
 ``RotaryEmbedding`` over ``0..s-1``) with the same parameter names: loading a shared model's
 ``state_dict`` into it gives the ordinary unshared computation, used by tests and
@@ -162,7 +164,14 @@ def build_model(
     impl = resolve_impl(impl)
     pre_process, post_process = _stage_flags(pre_process, post_process, vp_stage)
     rotary = PositionRotary(config.kv_channels, model_cfg.rope_theta, model_cfg.rope_scaling)
-    return SharedPrefixGPTModel(
+    cls, extra = SharedPrefixGPTModel, {}
+    if model_cfg.vision is not None:
+        from megatron_prefix.model.llava import SharedPrefixLLaVAModel
+
+        cls, extra = SharedPrefixLLaVAModel, {"vision": model_cfg.vision, "impl": impl,
+                                              "freeze_vision": model_cfg.freeze_vision,
+                                              "freeze_projector": model_cfg.freeze_projector}
+    return cls(
         config=config,
         transformer_layer_spec=block_spec(config, layer_spec(attention_backend, impl), impl, vp_stage),
         vocab_size=model_cfg.vocab_size,
@@ -172,6 +181,7 @@ def build_model(
         post_process=post_process,
         share_embeddings_and_output_weights=model_cfg.tie_word_embeddings,
         vp_stage=vp_stage,
+        **extra,
     )
 
 
