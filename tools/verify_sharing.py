@@ -33,11 +33,11 @@ every unit's images given to the next unit that has images, rotated over the che
 check detects it (expect FAIL). On CPU the flex/varlen backends run their forward-only reference paths.
 
 Vision-language models: ``--model`` an HF LLaVA folder (``model_type: llava``) compares with transformers
-itself; a megatron checkpoint of a LLaVA is exported to a temporary HF folder first
-(``tools/convert_mcore_to_hf.py``'s converter). fp32 tolerance: the text defaults (relative 1e-5 of the
-summed log-prob, or 1e-5 per token, or 1e-4 absolute); measured differences on the tiny test LLaVA are
-about 1e-6 relative (CLIP and llama in another kernel order), while the controls move log-probs by
-far more than 1e-2.
+itself; a megatron checkpoint of a LLaVA is exported to a temporary HF folder first (in the launching
+process, ``tools/convert_mcore_to_hf.py``'s converter). fp32 tolerance: the text defaults (relative 1e-5
+of the summed log-prob, or 1e-5 per token, or 1e-4 absolute). Measured on the tiny test LLaVA (24 units,
+25 images, 48 responses, summed log-probs up to 126): at most 1.9e-7 relative (1.9e-5 absolute) at TP=1,
+1.4e-7 at TP=2; ``--control mask`` moves them by up to 4e-3 relative and ``--control image`` by 6e-3.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="float32", choices=sorted(DEFAULT_TOLERANCE))
     ap.add_argument("--pack-tokens", type=int, default=0, help="row length (default: fits the longest unit)")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--hf-alone", default=None, help=argparse.SUPPRESS)  # set by the --tp relaunch (see main)
     ap.add_argument("--control", default="none", choices=("none", "positions", "mask", "image"),
                     help="break the shared side on purpose (expect FAIL): stock positions, responses seeing "
                          "each other, or images given to the wrong unit")
@@ -213,45 +214,45 @@ def hf_alone_logps(hf_model, units):
     return torch.stack(out)
 
 
-def hf_llava_folder(model: str, source, tp: int):
-    """(HF LLaVA folder for the alone side, temporary dir to remove or None); None when not a LLaVA."""
+def is_hf_llava(model: str | Path) -> bool:
+    """An HF folder whose ``config.json`` says ``model_type: llava``."""
     import json
 
-    if source is None or getattr(source.model, "vision", None) is None:
-        return None, None
     config = Path(model) / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("model_type") == "llava":
-        return Path(model), None
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "llava"
+
+
+def mcore_llava(model: str | Path) -> Path | None:
+    """The checkpoint dir when ``model`` is one of our megatron checkpoints of a LLaVA, else None."""
+    from megatron_prefix.training.checkpoint import CheckpointManager, resolve
+
+    ckpt = resolve(model) if Path(model).is_dir() else None
+    if ckpt is None:
+        return None
+    return ckpt if (CheckpointManager.read_train_state(ckpt).get("model") or {}).get("vision") else None
+
+
+def export_for_alone(ckpt: Path) -> Path:
+    """Export a megatron LLaVA checkpoint to a temporary HF folder (single process) for the alone side."""
     import tempfile
 
     from megatron_prefix.convert import convert_mcore_to_hf
 
-    box = [tempfile.mkdtemp(prefix="verify_sharing_hf_") if _rank() == 0 else None]
-    _broadcast_box(box)
-    if _rank() == 0:
-        convert_mcore_to_hf(source.path, box[0], progress=False)
-    _barrier()
-    return Path(box[0]), Path(box[0])
+    out = Path(tempfile.mkdtemp(prefix="verify_sharing_hf_"))
+    convert_mcore_to_hf(ckpt, out, progress=False)
+    return out
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _broadcast_box(box: list) -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
+def alone_folder(args, source) -> Path | None:
+    """The HF LLaVA folder of the alone side; None for a text model (megatron's stock GPTModel)."""
+    if source is None or getattr(source.model, "vision", None) is None:
+        return None
+    if args.hf_alone:
+        return Path(args.hf_alone)
+    if is_hf_llava(args.model):
+        return Path(args.model)
+    raise ValueError(f"--model: {args.model} is a vision-language checkpoint; run without torchrun (the tool "
+                     "exports it to HF for the alone side itself)")
 
 
 def judge(shared, alone, num_tokens, args) -> tuple[bool, dict]:
@@ -318,7 +319,7 @@ def run(args) -> int:
 
     attention = AttentionConfig(backend=args.backend, allow_cpu_reference=not torch.cuda.is_available())
     model = build_model(cfg, attention, dtype=args.dtype).eval()
-    hf_dir, hf_temp = hf_llava_folder(args.model, source, args.tp)
+    hf_dir = alone_folder(args, source)
     if source is not None:
         load_weights(model, source.path)
         source.cleanup()
@@ -337,12 +338,6 @@ def run(args) -> int:
             ref.load_state_dict(model.state_dict())
             alone = unshared_logps(ref, units, tp_group).cpu().double()
             alone_what = "megatron GPTModel"
-    if hf_temp is not None:
-        _barrier()
-        if _rank() == 0:
-            import shutil
-
-            shutil.rmtree(hf_temp, ignore_errors=True)
     num_tokens = torch.tensor([len(r) for u in units for r in u.response_ids])
     ok, d = judge(shared, alone, num_tokens, args)
     weights = f"weights {source.path}" if source is not None else "random weights"
@@ -364,13 +359,22 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.tp > 1 and "WORLD_SIZE" not in os.environ:
-        return _relaunch_under_torchrun(args.tp, argv)
+    temp = None
     try:
+        if "WORLD_SIZE" not in os.environ and not args.hf_alone and (ckpt := mcore_llava(args.model)) is not None:
+            temp = export_for_alone(ckpt)  # a megatron LLaVA: transformers needs an HF folder (one process)
+            argv, args.hf_alone = [*argv, "--hf-alone", str(temp)], str(temp)
+        if args.tp > 1 and "WORLD_SIZE" not in os.environ:
+            return _relaunch_under_torchrun(args.tp, argv)
         return run(args)
     except ValueError as err:
         print(f"verify_sharing: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if temp is not None:
+            import shutil
+
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 if __name__ == "__main__":
