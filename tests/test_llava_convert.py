@@ -2,7 +2,8 @@
 
 The tiny random HF LLaVA of ``tests/llava_fixtures.make_tiny_llava`` is written in three key layouts
 (transformers 5's own, the Hub ``vision_tower.vision_model.*`` one, transformers 4.5x's
-``model.language_model.*``; all three load in transformers), converted at TP=1 in process and at TP=2 /
+``model.language_model.*``; all three load in transformers), plus tied embeddings and a qwen2 language
+model, converted at TP=1 in process and at TP=2 /
 PP=2 under torchrun, and exported back: every tensor is bit-identical to the source in the layout the
 installed transformers writes, ``LlavaForConditionalGeneration.from_pretrained`` computes the same
 logits, and the tokenizer / processor files come along. Unsupported HF configs and checkpoints are
@@ -39,6 +40,7 @@ def work(tmp_path_factory) -> Path:
     for layout in lc.LAYOUTS:
         lc.relayout(src, work / f"hf_{layout}", layout)
     lc.relayout(make_tiny_llava(work / "src_tied", tie_word_embeddings=True, seed=1), work / "hf_tied", "tf5")
+    lc.make_qwen2_llava(src, work / "hf_qwen2")
     return work
 
 
@@ -92,15 +94,21 @@ def test_exported_model_computes_the_same(parallel, work):
     assert torch.equal(lc.hf_logits(out, s["ids"], s["pixels"]), lc.hf_logits(work / "hf_tied", s["ids"], s["pixels"]))
 
 
-def test_tied_llava_logits(parallel, work):
-    """Tied embeddings: our model on the converted checkpoint matches HF."""
-    s = lc.sample(work / "hf_tied")
-    want = lc.hf_logits(work / "hf_tied", s["ids"], s["pixels"])
-    got = lc.our_logits(lc.load_llava(_convert(work, "tied")), s["ids"], s["prompt_len"], s["pixels"],
-                        lc.image_token_id(work / "hf_tied"))
+@pytest.mark.parametrize("name", ["tied", "qwen2"])
+def test_other_llava_logits(parallel, work, name):
+    """Tied embeddings, and a qwen2 language model (QKV biases): our model matches HF; bit-identical back."""
+    from megatron_prefix.convert import convert_mcore_to_hf
+
+    s = lc.sample(work / f"hf_{name}")
+    want = lc.hf_logits(work / f"hf_{name}", s["ids"], s["pixels"])
+    run = _convert(work, name)
+    got = lc.our_logits(lc.load_llava(run), s["ids"], s["prompt_len"], s["pixels"], lc.image_token_id(work / "hf_tied"))
     rel = lc.rel_diff(got, want)
-    print(f"REL tied tp1 {rel:.3e}")
+    print(f"REL {name} tp1 {rel:.3e}")
     assert rel <= 1e-5
+    if name == "qwen2":
+        convert_mcore_to_hf(run, work / "back_qwen2", progress=False)
+        assert lc.bit_identical_report(work / "hf_qwen2", work / "back_qwen2") is None
 
 
 def test_reward_model_conversion_and_export(parallel, work):

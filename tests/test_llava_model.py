@@ -193,3 +193,20 @@ def test_llava_parallel(parallel, work, tp, pp, cp):
     want_names = {"from_tp1"} | ({"own"} if cp == 1 else set()) | ({"own_sp"} if tp > 1 else set())
     assert set(rels) == want_names, out[-3000:]
     assert all(v <= REL_TOL for v in rels.values()), rels
+
+
+def test_cpu_accommodation_for_clip_vit(parallel, work, monkeypatch):
+    """CPU: CLIPViTModel's position_ids .cuda() is absorbed by a module-scoped proxy pinned to the symbol."""
+    import megatron.core.models.vision.clip_vit_model as clip_vit
+
+    from megatron_prefix.compat import CompatError
+    from megatron_prefix.compat.vision import TORCH_FOR_CLIP_VIT, patch_clip_vit_position_ids
+
+    assert clip_vit.torch is TORCH_FOR_CLIP_VIT and clip_vit.torch.nn is torch.nn
+    positions = _model(work).vision_model.position_ids
+    assert type(positions) is torch.Tensor and positions.device.type == "cpu"
+    assert torch.equal(positions, torch.arange(5)[None])
+    patch_clip_vit_position_ids()  # idempotent
+    monkeypatch.delattr(clip_vit, "CLIPViTModel")
+    with pytest.raises(CompatError, match="CLIPViTModel is missing"):
+        patch_clip_vit_position_ids()

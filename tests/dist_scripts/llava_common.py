@@ -4,11 +4,13 @@
   ``LlavaProcessor`` of a tiny LLaVA (``tests.llava_fixtures.make_tiny_llava``): token ids [L], the
   prompt length, pixel values [2, 3, 28, 28] (skimage photographs, CLIP-preprocessed);
 - ``hf_logits(folder, ids, pixels)``: ``LlavaForConditionalGeneration`` on it (fp32, eager) [L, V];
-- ``micro_batch(ids, prompt_len, image_token_id)``: the sequence packed alone into one row (positions
-  0..L-1, one document: plain causal attention; padding after it to a multiple of 8) and its ``image_feature_index`` [1, L] (the k-th image
-  token reads feature row k, i.e. image-major order);
-- ``our_logits(model, ...)``: our model on that row (this CP rank's slice of the tokens and of
-  ``image_feature_index``), logits gathered over TP and CP, [L, V] on the last pipeline stage (stages pass hidden states with send/recv), None elsewhere;
+- ``micro_batch(ids, prompt_len, image_token_id, pixels=...)``: the sequence as a ``Unit`` with its
+  images, packed alone into one row by the data pipeline (``pack_row``, ``MicroBatch.from_rows``:
+  positions 0..L-1, one document, i.e. plain causal attention; padding to a multiple of 8), and its
+  ``image_feature_index`` (the k-th image token reads feature row k: image-major order);
+- ``our_logits(model, ...)``: our model on that row through ``MicroBatch.forward`` (this CP rank's
+  slice of the tokens and of ``image_feature_index``), logits gathered over TP and CP, [L, V] on the
+  last pipeline stage (stages pass hidden states with send/recv), None elsewhere;
 - ``load_llava(run_dir)``: ``SharedPrefixLLaVAModel`` at the current parallel layout, loaded.
 
 Only ``sample`` / ``hf_logits`` import transformers.
@@ -64,17 +66,26 @@ def feature_index(tokens_bs: torch.Tensor, image_token: int) -> torch.Tensor:
     return index
 
 
-def micro_batch(ids: torch.Tensor, prompt_len: int, image_token: int, cp_size: int = 1, cp_rank: int = 0):
-    """(MicroBatch of the sequence packed alone, image_feature_index [1, T/cp]) for one CP rank."""
+def micro_batch(ids: torch.Tensor, prompt_len: int, image_token: int, cp_size: int = 1, cp_rank: int = 0,
+                pixels: torch.Tensor | None = None):
+    """(MicroBatch of the sequence packed alone, image_feature_index [1, T/cp]) for one CP rank.
+
+    With ``pixels`` the unit carries its images and the index is the data pipeline's
+    (``MicroBatch.image_feature_index``); without, it is ``feature_index`` of the tokens.
+    """
     from megatron_prefix.attention.context_parallel import split_for_cp
     from megatron_prefix.data.row import pack_row
     from megatron_prefix.data.unit import Unit
     from megatron_prefix.model.batch import MicroBatch
 
     a = ids.numpy()
-    unit = Unit(a[:prompt_len], [a[prompt_len:]], np.zeros(1, dtype=np.float32), unit_id=0)
+    images = None if pixels is None else pixels.numpy().astype(np.float32)
+    unit = Unit(a[:prompt_len], [a[prompt_len:]], np.zeros(1, dtype=np.float32), unit_id=0, images=images,
+                image_token_id=image_token if images is not None else None)
     row = pack_row([unit], -(-len(a) // 8) * 8, pad_id=0)  # padded at the end
     mb = MicroBatch.from_rows([row], cp_size, cp_rank)
+    if pixels is not None:
+        return mb, mb.image_feature_index
     full_index = feature_index(torch.from_numpy(row.tokens.astype(np.int64))[None], image_token)
     return mb, split_for_cp(full_index, cp_size, cp_rank)
 
@@ -87,15 +98,17 @@ def our_logits(model, ids: torch.Tensor, prompt_len: int, pixels: torch.Tensor, 
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-    mb, default_index = micro_batch(ids, prompt_len, image_token, cp, cp_rank)
-    index = default_index if index is None else index
+    mb, _ = micro_batch(ids, prompt_len, image_token, cp, cp_rank, pixels=pixels)
     pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     if pp_rank > 0:
         hidden = torch.empty(mb.tokens.shape[1], 1, model.config.hidden_size, dtype=model.config.params_dtype)
         dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
         model.set_input_tensor(hidden)
-    out = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.params, pixel_values=pixels,
-                image_feature_index=index)
+    if index is None:  # the data pipeline's batch: MicroBatch.forward passes pixel_values / image_feature_index
+        out = mb.forward(model)
+    else:
+        out = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.params, pixel_values=pixels,
+                    image_feature_index=index)
     if pp_rank < pp - 1:  # (no sequence parallelism with PP here: the buffers are full-sequence)
         dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
         return None
@@ -195,3 +208,28 @@ def bit_identical_report(src: str | Path, dst: str | Path) -> str | None:
         if a[name].dtype != b[name].dtype or not torch.equal(a[name], b[name]):
             return f"{name}: differs after the round trip"
     return None
+
+
+def make_qwen2_llava(llama_llava: str | Path, dst: str | Path, seed: int = 3) -> Path:
+    """A LLaVA with a qwen2 language model (QKV biases, perturbed), from the tiny llama LLaVA's folder
+    (same tower sizes, tokenizer and processor files); saved by transformers like ``make_tiny_llava``."""
+    import shutil
+
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    src, dst = Path(llama_llava), Path(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json", "config.json"))
+    hf = json.loads((src / "config.json").read_text())
+    text = {k: v for k, v in hf["text_config"].items() if k not in ("attention_bias", "mlp_bias", "pretraining_tp")}
+    text.update(model_type="qwen2", rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                use_sliding_window=False)
+    config = LlavaConfig(**{**{k: v for k, v in hf.items() if k not in ("text_config", "architectures",
+                                                                            "transformers_version")},
+                            "text_config": text})
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(str(dst), safe_serialization=True)
+    return dst
