@@ -84,23 +84,18 @@ def build_stage(cfg: TrainConfig, model_cfg: ModelConfig, cuda: bool, seed_fn) -
     return model, tc
 
 
-FREEZE_MODULES = (("vision_model", "freeze_vision"), ("vision_projection", "freeze_projector"))
-
-
 def apply_freeze(model: torch.nn.Module, model_cfg: ModelConfig) -> None:
-    """``model.freeze_vision`` (default true) / ``model.freeze_projector``: the vision tower / projector
-    of a vision-language model keep ``requires_grad=False``, so megatron's DDP gives them no gradient
-    buffer and the optimizer no state (they stay bitwise equal to the loaded weights). Text models: no-op.
-    Called before DDP wraps the model (DDP collects the trainable parameters at construction)."""
+    """``model.freeze_vision`` (default true) / ``model.freeze_projector``: the vision tower / projector of
+    a vision-language model keep ``requires_grad=False`` (``model.llava.freeze_vision_parts``, the one
+    rule; the tower's unused layers stay frozen either way), so megatron's DDP gives them no gradient
+    buffer and the optimizer no state: they stay bitwise equal to the loaded weights. ``build_model``
+    applies the same flags; this makes the trainer's choice explicit. Text models: no-op. Called before
+    DDP wraps the model (DDP collects the trainable parameters at construction)."""
     if getattr(model_cfg, "vision", None) is None:
         return
-    for module_name, flag in FREEZE_MODULES:
-        module = getattr(model, module_name, None)
-        if module is None:  # not on this pipeline stage (the vision encoder lives on the first)
-            continue
-        frozen = bool(getattr(model_cfg, flag, module_name == "vision_model"))
-        for p in module.parameters():
-            p.requires_grad_(not frozen)
+    from megatron_prefix.model.llava import freeze_vision_parts
+
+    freeze_vision_parts(model, model_cfg.freeze_vision, model_cfg.freeze_projector)
 
 
 def build_trainable(cfg: TrainConfig, model_cfg: ModelConfig, cuda: bool, seed_fn) -> Trainable:
