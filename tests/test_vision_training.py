@@ -213,6 +213,20 @@ def test_online_reference_matches_precomputed(llava):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["ref_chosen_logps"] - b["ref_chosen_logps"]) <= 1e-4
 
 
+@pytest.mark.dist
+def test_pipeline_parallel_matches_one_process(llava):
+    """PP=2: the tower lives on the first stage, the pixels still travel through megatron's pipeline
+    schedule (the reference precompute included: its own cache here) and every stage gets the micro-batch."""
+    hf, mcore, data, work = llava
+    th.train(_recipe(work / "pp1.yaml", hf, mcore, data, work / "pp_one", train={"max_steps": 2}))
+    th.train(_recipe(work / "pp2.yaml", hf, mcore, data, work / "pp_two", train={"max_steps": 2},
+                     reference={"path": str(work / "ref_pp2")}, parallel={"pp": 2}), nproc=2)
+    one, two = th.metrics(work / "pp_one"), th.metrics(work / "pp_two")
+    assert len(one) == len(two) == 2 and (work / "ref_pp2" / "key.json").is_file()
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"]
+
+
 def test_reward_model_trains_and_resumes_bitwise(llava):
     hf, mcore, data, work = llava
     common = dict(loss={"type": "bt"}, train={"max_steps": 4})
