@@ -37,7 +37,6 @@ Writes ``OUT_DIR/vision_sharing.json`` and ``OUT_DIR/vision_sharing.md`` (the RE
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import os
@@ -50,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
 
 def _train_step_module():
@@ -171,10 +170,10 @@ def measure(args, hf: Path, data: Path, k: int) -> dict:
 def markdown(results: list[dict], meta: dict) -> str:
     """The README table: one row per (K, quantity), shared / unshared / measured ratio / ideal ratio."""
     lines = [
-        f"Tiny LLaVA ({meta['model']}), CPU ({meta['device']}, {meta['threads']} thread(s)), fp32, "
-        f"{meta['steps']} timed steps after {meta['warmup']} warm-up, `pack_tokens` {meta['pack_tokens']}, "
-        f"{meta['global_batch_units']} prompts per step, vision tower frozen; {meta['date']}, load average "
-        f"{meta['loadavg_before']:.1f} at the start.",
+        (f"Tiny LLaVA ({meta['model']}), CPU ({meta['device']}, {meta['threads']} thread(s)), fp32, "
+         f"{meta['steps']} timed steps after {meta['warmup']} warm-up, `pack_tokens` {meta['pack_tokens']}, "
+         f"{meta['global_batch_units']} prompts per step, vision tower frozen; {meta['date']}, load average "
+         f"{meta['loadavg_before']:.1f} at the start."),
         "",
         "| K | quantity (per step) | shared | unshared | ratio measured | ratio ideal |",
         "|---|---|---|---|---|---|",
@@ -199,17 +198,17 @@ def markdown(results: list[dict], meta: dict) -> str:
             lines.append(f"| {r['K']} | {name} | {a} | {b} | {ratio:.2f}x | {ideal:.2f}x |")
     lines += [
         "",
-        "Ratios are unshared / shared. Images: counted from the micro-batches' pixel tensors; their ideal is "
-        "K (each image once per unit vs once per response). Vision-encoder FLOPs: the tower's and projector's "
-        "forward FLOPs counted by `torch.utils.flop_counter` during the steps' forward passes (per image "
-        f"{results[0]['vision_mflops_per_image']['counted_forward']:.2f} MFLOPs counted, "
-        f"{sum(v for key, v in results[0]['vision_mflops_per_image'].items() if key != 'counted_forward'):.2f} "
-        "analytic). Step time: the median over steps of the per-step ratio (the "
-        "same units in both layouts); its ideal is the ratio of the step's analytic FLOPs; the process CPU time (one thread) is the same ratio "
-        "measured robustly on a busy machine. Rows: their ideal is "
-        "the ratio of real tokens (rows are padded to `pack_tokens`). Peak memory: "
-        "high-water mark of tensor-storage bytes allocated during one step (CPU; weights, gradient buffers "
-        "and optimizer state excluded); ideal 1.0 since a row is `pack_tokens` slots in both layouts.",
+        ("Ratios are unshared / shared. Images: counted from the micro-batches' pixel tensors; their ideal is "
+         "K (each image once per unit vs once per response). Vision-encoder FLOPs: the tower's and projector's "
+         "forward FLOPs counted by `torch.utils.flop_counter` during the steps' forward passes (per image "
+         f"{results[0]['vision_mflops_per_image']['counted_forward']:.2f} MFLOPs counted, "
+         f"{sum(v for key, v in results[0]['vision_mflops_per_image'].items() if key != 'counted_forward'):.2f} "
+         "analytic). Step time: the median over steps of the per-step ratio (the same units in both "
+         "layouts); its ideal is the ratio of the step's analytic FLOPs; the process CPU time (one thread) is "
+         "the same ratio, robust on a busy machine. Rows: their ideal is the ratio of real tokens (rows are "
+         "padded to `pack_tokens`). Peak memory: high-water mark of tensor-storage bytes allocated during one "
+         "step (CPU; weights, gradient buffers and optimizer state excluded); ideal 1.0 since a row is "
+         "`pack_tokens` slots in both layouts."),
     ]
     return "\n".join(lines) + "\n"
 

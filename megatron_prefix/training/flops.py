@@ -52,7 +52,7 @@ def vision_flops_per_image(vision, lm_hidden: int) -> tuple[float, float]:
 def row_images(row: PackedRow) -> int:
     """Images the vision encoder runs on for ``row`` (0 for a text row)."""
     images = getattr(row, "images", None)
-    return 0 if images is None else int(len(images))
+    return 0 if images is None else len(images)
 
 
 def vision_step_flops(model: ModelConfig, rows: Sequence[PackedRow]) -> float:
