@@ -3,9 +3,11 @@
 A tiny random HF LLaVA (``tests/llava_fixtures.make_tiny_llava``: CLIP 3 layers, llama 2 layers) is
 converted at TP=1 and run on one sequence ``[prompt with two real photographs + response]`` (HF's
 processor; packed alone: positions 0..L-1, one document). Logits equal HF's within a relative 1e-5
-(measured ~3e-7) for the feature layers -2 (LLaVA-1.5), -1, 1 and the ``full`` strategy; TP=2 (with and
-without sequence parallelism), PP=2 and CP=2 are in ``test_llava_parallel`` (torchrun, gloo). Negative controls (swapped
-images, a wrong feature layer) must fail. Also: freeze flags, gradients, and the input checks.
+(measured ~3e-7) for the feature layers -2 (LLaVA-1.5), -1, 1 and the ``full`` strategy; TP=2 (with
+and without sequence parallelism), PP=2 and CP=2 are in ``test_llava_parallel`` (torchrun, gloo).
+Negative controls (swapped images, a wrong feature layer) must fail. Two image units packed shared
+(K=2) give HF's per-response log-probs. Also: freeze flags, gradients, the input checks, the CPU
+accommodation.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tests.llava_fixtures import make_tiny_llava
 
 REL_TOL = 1e-5
 CONTROL_MIN = 1e-2  # a miswired model must be off by far more than the tolerance
+LOGP_TOL = 1e-4  # summed response log-probs (nats), |logp| ~ 20-60 here
 KINDS = {"default": {}, "full": {}, "last": {"vision_feature_layer": -1}, "first": {"vision_feature_layer": 1}}
 
 
@@ -181,8 +184,8 @@ def test_input_checks(parallel, work):
 @pytest.mark.parametrize("tp,pp,cp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)])
 def test_llava_parallel(parallel, work, tp, pp, cp):
     """TP=2 (with and without sequence parallelism), PP=2 (vision on the first stage), CP=2 (CP-local
-    image_feature_index): each rank converts its shards, the model matches HF's logits, and a TP=1
-    checkpoint loads at this layout."""
+    image_feature_index): each rank converts its shards, the model matches HF's logits, a TP=1
+    checkpoint loads at this layout, and the checkpoint written at TP=2 / PP=2 exports bit-identical."""
     s, want = reference(work, "default")
     converted(work, "default")
     torch.save({**s, "logits": want}, work / "ref_default.pt")
@@ -193,6 +196,12 @@ def test_llava_parallel(parallel, work, tp, pp, cp):
     want_names = {"from_tp1"} | ({"own"} if cp == 1 else set()) | ({"own_sp"} if tp > 1 else set())
     assert set(rels) == want_names, out[-3000:]
     assert all(v <= REL_TOL for v in rels.values()), rels
+    if cp == 1:  # the checkpoint this layout wrote exports bit-identical to the source
+        from megatron_prefix.convert import convert_mcore_to_hf
+
+        back = work / f"back_tp{tp}pp{pp}"
+        convert_mcore_to_hf(work / f"run_default_tp{tp}pp{pp}", back, progress=False)
+        assert lc.bit_identical_report(hf_folder(work, "default"), back) is None
 
 
 def test_cpu_accommodation_for_clip_vit(parallel, work, monkeypatch):
@@ -210,3 +219,54 @@ def test_cpu_accommodation_for_clip_vit(parallel, work, monkeypatch):
     monkeypatch.delattr(clip_vit, "CLIPViTModel")
     with pytest.raises(CompatError, match="CLIPViTModel is missing"):
         patch_clip_vit_position_ids()
+
+
+def test_shared_rows_logps_match_hf(parallel, work):
+    """Two units with images, K=2 each, packed shared into one row: every response's summed log-prob
+    equals LlavaForConditionalGeneration on [prompt with its images + that response] alone (max 4e-6
+    nats on |logp| 18-68). Controls: one unit's two images swapped, and unit 0's image given to unit 1,
+    are off by 0.08 / 0.15 nats."""
+    import numpy as np
+    from transformers import LlavaForConditionalGeneration
+
+    from megatron_prefix.data.row import pack_row
+    from megatron_prefix.data.unit import Unit
+    from megatron_prefix.model.batch import MicroBatch
+    from megatron_prefix.model.logprobs import response_logprobs
+
+    folder = hf_folder(work, "default")
+    image = lc.image_token_id(folder)
+    a, b = lc.sample(folder), lc.sample(folder, photos=("chelsea",))
+
+    def tok(text: str) -> np.ndarray:
+        return np.asarray(lc.tokenizer_ids(folder, text), dtype=np.int64)
+
+    specs = [(a, [tok(" a man in space</s>"), tok(" two pictures</s>")]), (b, [tok(" a cat</s>"), tok(" a dog</s>")])]
+    units = [Unit(s["ids"][: s["prompt_len"]].numpy(), resps, np.zeros(2, dtype=np.float32), unit_id=i,
+                  images=s["pixels"].numpy(), image_token_id=image) for i, (s, resps) in enumerate(specs)]
+    hf = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32,
+                                                       attn_implementation="eager").eval()
+    want = []
+    with torch.no_grad():
+        for s, resps in specs:
+            for r in resps:
+                ids = torch.cat([s["ids"][: s["prompt_len"]], torch.from_numpy(r)])[None]
+                logp = torch.log_softmax(hf(input_ids=ids, pixel_values=s["pixels"]).logits[0].float(), -1)
+                p = s["prompt_len"]
+                want.append(float(logp[p - 1 : -1].gather(1, ids[0, p:, None]).sum()))
+    want = torch.tensor(want)
+    model = lc.load_llava(converted(work, "default"))
+    row = pack_row(units, -(-sum(u.shared_len for u in units) // 8) * 8 + 8, pad_id=0)
+    mb = MicroBatch.from_rows([row])
+    assert mb.pixel_values.shape[0] == 3 and int((mb.image_feature_index >= 0).sum()) == 12
+    with torch.no_grad():
+        got = response_logprobs(mb.forward(model), mb.index).logps
+        controls = {}
+        for name, order in (("swapped", [1, 0, 2]), ("wrong_unit", [0, 1, 0])):  # unit 1 gets unit 0's image
+            mb.pixel_values = pixels = MicroBatch.from_rows([row]).pixel_values[order]
+            controls[name] = float((response_logprobs(mb.forward(model), mb.index).logps - want).abs().max())
+            assert pixels.shape[0] == 3
+    diff = float((got - want).abs().max())
+    print(f"LOGP shared max_abs {diff:.3e} max_rel {float(((got - want).abs() / want.abs()).max()):.3e} "
+          f"|logp| {float(want.abs().min()):.1f}..{float(want.abs().max()):.1f} CONTROL {controls}")
+    assert diff <= LOGP_TOL and min(controls.values()) > 100 * LOGP_TOL

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_prefix.convert.hf_files import hf_config_dict
+from megatron_prefix.convert.hf_files import PASSTHROUGH_KEYS, hf_config_dict
 from megatron_prefix.convert.llava_layout import (
     VISION_GLOBAL,
     VISION_LAYER,
@@ -104,8 +104,8 @@ def vision_hf_tensors(vision: VisionConfig, load: Callable[[list[str], int | Non
 def llava_config_dict(cfg: ModelConfig, dtype: str, base: dict | None = None) -> dict:
     """``config.json`` of a ``LlavaForConditionalGeneration`` for ``cfg`` (``cfg.vision`` set).
 
-    ``base`` (the source LLaVA config.json) contributes the text model's token ids (``hf_files.PASSTHROUGH_KEYS``
-    of its ``text_config``).
+    ``base`` (the source LLaVA config.json) contributes its token ids (``hf_files.PASSTHROUGH_KEYS``, at
+    the top level and in ``text_config``).
     """
     v = cfg.vision
     text = hf_config_dict(cfg, dtype, base=(base or {}).get("text_config"))
@@ -126,7 +126,7 @@ def llava_config_dict(cfg: ModelConfig, dtype: str, base: dict | None = None) ->
     }
     if base and isinstance(base.get("vision_config"), dict) and "projection_dim" in base["vision_config"]:
         vision["projection_dim"] = base["vision_config"]["projection_dim"]
-    return {
+    out = {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
         "text_config": text,
@@ -141,6 +141,10 @@ def llava_config_dict(cfg: ModelConfig, dtype: str, base: dict | None = None) ->
         "dtype": dtype,
         "torch_dtype": dtype,
     }
+    for key in PASSTHROUGH_KEYS:  # top-level token ids of the source (llava-1.5 keeps pad_token_id there)
+        if base and key in base:
+            out[key] = base[key]
+    return out
 
 
 def copy_processor_files(src: str | Path, dst: str | Path) -> list[str]:

@@ -198,7 +198,7 @@ def expected_vision_names(vision: VisionConfig) -> list[str]:
 def read_vision_shard(reader: RenamedReader, name: str, vision: VisionConfig, tp: int, tp_rank: int) -> Tensor:
     """This TP rank's shard of the vision parameter ``name``, read from the HF files."""
     hf, dim = vision_hf_names(name)
-    if name.endswith("self_attention.linear_qkv.weight") or name.endswith("self_attention.linear_qkv.bias"):
+    if name.endswith(("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")):
         layout = vision_layout(vision)
         q_rows, kv_rows = qkv_rows(layout, tp, tp_rank)
         q, k, v = (reader.read(n, rows=r) for n, r in zip(hf, (q_rows, kv_rows, kv_rows)))
@@ -216,7 +216,7 @@ def vision_to_hf(name: str, tensor: Tensor, vision: VisionConfig) -> list[tuple[
     from megatron_prefix.convert.layout import split_qkv
 
     hf, _ = vision_hf_names(name)
-    if name.endswith("self_attention.linear_qkv.weight") or name.endswith("self_attention.linear_qkv.bias"):
+    if name.endswith(("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")):
         return list(zip(hf, split_qkv(tensor, vision_layout(vision))))
     if name == "vision_model.class_token":
         return [(hf[0], tensor.reshape(-1).contiguous())]

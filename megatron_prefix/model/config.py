@@ -11,6 +11,10 @@ One dataclass, three ways in and one way out:
 - ``to_transformer_config(tp, pp, cp, ...)`` — megatron-core's ``TransformerConfig`` (RMSNorm,
   SwiGLU, GQA, optional QKV bias, no other bias, no dropout, unfused RoPE).
 
+A vision-language (LLaVA) model adds ``vision: VisionConfig`` (``model.vision_config``; an HF
+``model_type: llava`` config.json is read there) and the ``freeze_vision`` / ``freeze_projector`` flags;
+the fields above then describe its language model.
+
 Field names are the YAML keys and the names in error messages (``model.num_attention_heads: ...``).
 """
 

@@ -31,6 +31,18 @@ _CLIP_DEFAULTS = {
     "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "num_channels": 3,
 }
 
+# transformers' Llama/Qwen2/MistralConfig defaults: a LLaVA config.json (e.g. llava-hf/llava-1.5-7b-hf)
+# often writes only the text_config keys that differ from them
+_TEXT_DEFAULTS = {
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "max_position_embeddings": 2048},
+    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "max_position_embeddings": 32768},
+    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                "sliding_window": 4096},
+}
+
 
 @dataclass
 class VisionConfig:
@@ -126,7 +138,10 @@ def vision_from_hf(hf: dict, where: str) -> VisionConfig:
     if vtype not in HF_VISION_TYPES:
         raise ValueError(f"{where}: vision_config.model_type={vtype!r} is not supported; only a CLIP vision "
                          f"tower ({', '.join(HF_VISION_TYPES)}) maps onto megatron's CLIPViTModel")
-    get = lambda key: vc.get(key, _CLIP_DEFAULTS[key])  # noqa: E731
+
+    def get(key: str) -> Any:
+        return vc.get(key, _CLIP_DEFAULTS[key])
+
     if int(get("num_channels")) != 3:
         raise ValueError(f"{where}: vision_config.num_channels={get('num_channels')} is not supported "
                          "(megatron's CLIPViTModel takes RGB images)")
@@ -183,16 +198,16 @@ def llava_from_hf(hf: dict, where: str):
     text = hf.get("text_config")
     if not isinstance(text, dict):
         raise ValueError(f"{where}: text_config is missing; a LLaVA config.json needs the language model's config")
-    text = dict(text)
-    text.setdefault("model_type", "llama")
-    if text["model_type"] not in FAMILIES:
-        raise ValueError(f"{where}: text_config.model_type={text['model_type']!r} is not supported "
+    family = text.get("model_type", "llama")
+    if family not in FAMILIES:
+        raise ValueError(f"{where}: text_config.model_type={family!r} is not supported "
                          f"(supported: {', '.join(FAMILIES)})")
+    text = {**_TEXT_DEFAULTS[family], **text, "model_type": family}
     if hf.get("tie_word_embeddings"):
         text["tie_word_embeddings"] = True
-    for key in ("dtype", "torch_dtype"):
-        if key in hf and key not in text:
-            text[key] = hf[key]
+    top_dtype = hf.get("dtype") or hf.get("torch_dtype")
+    if top_dtype:  # the checkpoint's dtype is the LLaVA's (a text_config may carry a stale or default one)
+        text.update(dtype=top_dtype, torch_dtype=top_dtype)
     cfg = _from_hf(text, f"{where} (text_config)")
     cfg.vision = vision_from_hf(hf, where)
     if cfg.vision.image_token_id >= cfg.vocab_size:

@@ -233,3 +233,10 @@ def make_qwen2_llava(llama_llava: str | Path, dst: str | Path, seed: int = 3) ->
             p.add_(torch.randn_like(p) * 0.02)
     model.save_pretrained(str(dst), safe_serialization=True)
     return dst
+
+
+def tokenizer_ids(folder: str | Path, text: str) -> list[int]:
+    """Token ids of ``text`` by the LLaVA folder's tokenizer (no special tokens added)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))(text, add_special_tokens=False)["input_ids"]

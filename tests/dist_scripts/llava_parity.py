@@ -7,7 +7,7 @@ sample with HF's logits (written by ``tests/test_llava_model.py``). Every rank c
 ``DIR/run_<kind>_tp<T>pp<P>`` collectively (not with ``--cp`` > 1: then only the TP=1 checkpoint is
 loaded, and each CP rank feeds its slice of the tokens and of ``image_feature_index``); the model is built at this layout, loaded from that
 checkpoint and from the TP=1 one (and, at TP > 1 without PP, from it again with sequence parallelism),
-and the last stage's TP rank 0 prints ``REL own <value>`` / ``REL from_tp1 <value>`` / ``REL own_sp
+and the last stage's TP / CP rank 0 prints ``REL own <value>`` / ``REL from_tp1 <value>`` / ``REL own_sp
 <value>`` (max relative logit difference against HF).
 """
 
@@ -51,7 +51,7 @@ def main() -> None:
     for name, run, sp in cases:
         model = lc.load_llava(run, sequence_parallel=sp)
         logits = lc.our_logits(model, ref["ids"], ref["prompt_len"], ref["pixels"], image)
-        if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
+        if logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
             print(f"REL {name} {lc.rel_diff(logits, ref['logits']):.3e}", flush=True)
     destroy_parallel()
 
