@@ -170,7 +170,7 @@ def measure(args, hf: Path, data: Path, k: int) -> dict:
 def markdown(results: list[dict], meta: dict) -> str:
     """The README table: one row per (K, quantity), shared / unshared / measured ratio / ideal ratio."""
     lines = [
-        (f"Tiny LLaVA ({meta['model']}), CPU ({meta['device']}, {meta['threads']} thread(s)), fp32, "
+        (f"Tiny LLaVA ({meta['model']}), {meta['device']}, {meta['threads']} thread(s), fp32, "
          f"{meta['steps']} timed steps after {meta['warmup']} warm-up, `pack_tokens` {meta['pack_tokens']}, "
          f"{meta['global_batch_units']} prompts per step, vision tower frozen; {meta['date']}, load average "
          f"{meta['loadavg_before']:.1f} at the start."),
