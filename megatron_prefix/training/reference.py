@@ -33,6 +33,7 @@ from megatron_prefix.data.dataset import PreferenceDataset
 from megatron_prefix.faults import fault_point
 from megatron_prefix.model.batch import MicroBatch
 from megatron_prefix.progress import Progress
+from megatron_prefix.training.resume import TRAINING_FIELDS  # what trains, not what the reference computes
 
 CHUNK_ROWS = 32  # rows per DP rank between progress saves
 
@@ -51,9 +52,6 @@ def dataset_digest(dataset: PreferenceDataset) -> str:
     return h.hexdigest()
 
 
-KEY_IGNORED_MODEL_FIELDS = ("freeze_vision", "freeze_projector")  # what trains, not what the reference computes
-
-
 def reference_key(dataset: PreferenceDataset, model: dict, reference: dict, dtype: str) -> dict:
     """The cache key: dataset digest and unit count, model config, reference identity, compute dtype.
 
@@ -64,7 +62,7 @@ def reference_key(dataset: PreferenceDataset, model: dict, reference: dict, dtyp
     ``select_strategy``, projector, image token id) and the weights (the reference checkpoint);
     ``model.freeze_*`` are left out (they decide what trains, not what the initial policy computes).
     """
-    model = {k: v for k, v in model.items() if k not in KEY_IGNORED_MODEL_FIELDS}
+    model = {k: v for k, v in model.items() if k not in TRAINING_FIELDS}
     return {"dataset": dataset_digest(dataset), "units": len(dataset), "model": model, "reference": reference,
             "dtype": str(dtype)}
 
