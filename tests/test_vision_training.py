@@ -256,3 +256,29 @@ def test_changed_freeze_flag_on_resume_is_refused_with_the_way(llava):
     out = th.train(recipe, ["train.max_steps=3", "model.freeze_vision=false"], expect_rc=2)
     assert "model.freeze_vision: the checkpoint trained with True, this run asks False" in out
     assert "checkpoint.load_optimizer=false" in out
+
+
+def test_score_tool_gives_transformers_logprobs_on_image_data(llava, tmp_path):
+    """``tools/score.py`` on an image dataset: each response's log-prob is transformers' on it alone."""
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from megatron_prefix.data.dataset import PreferenceDataset
+
+    hf, mcore, data, _ = llava
+    out = tmp_path / "scores.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "score.py"), "--ckpt", str(mcore), "--data",
+                           str(data), "--out", str(out), "--units", "4", "--no-progress"],
+                          capture_output=True, text=True, cwd=ROOT, env=th.env(), timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    ours = torch.tensor([v for line in lines for v in line["logps"]], dtype=torch.float64)
+    units = PreferenceDataset(data).units(range(4))
+    assert sum(u.images is not None and len(u.images) > 0 for u in units) >= 2, "the check needs image units"
+    model = LlavaForConditionalGeneration.from_pretrained(str(hf), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = _tool().hf_alone_logps(model, units).double()
+    assert torch.allclose(ours, want, rtol=1e-5, atol=1e-4), (ours, want)

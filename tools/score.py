@@ -67,6 +67,7 @@ def score(args) -> int:
     from megatron_prefix.data.dataset import PreferenceDataset
     from megatron_prefix.parallel import init_parallel, seed_everything
     from megatron_prefix.training.config import TrainConfig
+    from megatron_prefix.training.image_checks import check_dataset_images
     from megatron_prefix.training.loader import eval_rows
     from megatron_prefix.training.setup import build_stage
     from megatron_prefix.training.step import (
@@ -87,6 +88,7 @@ def score(args) -> int:
     ds = PreferenceDataset(args.data)
     n = min(args.units or len(ds), len(ds))
     check_vocab(ds, n, source.model.vocab_size, args)
+    check_dataset_images(ds.meta, source.model.vision, args.data, args.ckpt)
     lengths = ds.pack_lengths()[:n]
     pack_tokens = args.pack_tokens or max(int(ds.meta.get("build", {}).get("pack_tokens", 0)),
                                           -(-int(lengths.max()) // 64) * 64)

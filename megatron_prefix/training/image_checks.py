@@ -47,8 +47,8 @@ def check_dataset_images(meta: dict, vision: Any, data_path: str, model_source: 
     text model); ``model_source``: where the model config came from (for the message).
     """
     images = meta.get("images")
-    if not images:
-        return  # a text dataset trains any model, a vision one included
+    if not images or not images.get("count"):
+        return  # a text dataset (or one built with --image-processor but holding no image) trains any model
     if vision is None:
         raise ValueError(
             f"data.path: the dataset {data_path} holds {images.get('count', '?')} images (image token id "
