@@ -15,7 +15,8 @@ SHAPES = ROOT / "configs" / "hf_shapes"
 # recipe -> (the HF shapes its model.hf_config names, or None for a recipe-defined model; world size; CUDA)
 RECIPES = {"demo-cpu.yaml": (None, 1, False), "llama3.1-8b-dpo.yaml": ("llama3.1-8b.json", 8, True),
            "llama3.1-70b-dpo.yaml": ("llama3.1-70b.json", 32, True),
-           "qwen2.5-72b-dpo.yaml": ("qwen2.5-72b.json", 32, True)}
+           "qwen2.5-72b-dpo.yaml": ("qwen2.5-72b.json", 32, True),
+           "llava-1.5-7b-dpo.yaml": ("llava-1.5-7b.json", 8, True)}
 
 
 def load(name: str) -> TrainConfig:

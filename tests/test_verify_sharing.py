@@ -56,3 +56,28 @@ def test_built_dataset(tmp_path, capsys):
     assert tool.main(["--model", TINY, "--data", str(out_dir), "--units", "4"]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "4 units" in out
+
+
+def test_control_image_rotates_images_among_units():
+    """``--control image`` gives every unit with images the next one's (counts kept, text units untouched)."""
+    import numpy as np
+
+    from megatron_prefix.data.unit import Unit
+
+    tool = _tool()
+    img = [np.full((1, 3, 2, 2), float(i), dtype=np.float32) for i in range(3)]
+    units = [Unit([5, 9, 9, 6], [[7, 2]], [0.0], unit_id=0, images=img[0], image_token_id=9),
+             Unit([5, 6], [[7, 2]], [0.0], unit_id=1, image_token_id=9),
+             Unit([5, 9, 9, 9, 9, 6], [[7, 2]], [0.0], unit_id=2, images=np.concatenate(img[1:]), image_token_id=9)]
+    out = tool.rotate_images(units)
+    assert [float(x) for x in out[0].images[:, 0, 0, 0]] == [2.0] and out[1].images is None
+    assert [float(x) for x in out[2].images[:, 0, 0, 0]] == [0.0, 1.0]
+    assert float(units[0].images[0, 0, 0, 0]) == 0.0  # the alone side keeps the originals
+    with pytest.raises(ValueError, match="single distinct image"):
+        tool.rotate_images([units[0], units[1]])
+
+
+def test_control_image_needs_a_vision_model(capsys):
+    tool = _tool()
+    assert tool.main(["--model", TINY, "--synthetic", "4", "--control", "image"]) == 2
+    assert "--control image: needs a vision-language --model" in capsys.readouterr().err

@@ -11,6 +11,11 @@ For every response of the first ``--units`` units it computes the summed log-pro
   ``SharedPrefixGPTModel`` with the chosen attention backend, ``model.logprobs.response_logprobs``;
 - *alone*: megatron's stock ``GPTModel`` (same weights, stock causal attention, stock RoPE over
   ``0..L-1``) on ``prompt + response`` by itself, ``log_softmax`` over the full vocabulary;
+  for a vision-language model (``--model HF_LLAVA_DIR``, an image dataset): transformers'
+  ``LlavaForConditionalGeneration`` itself (fp32, eager attention) on ``[prompt with its images +
+  response]`` alone, its own image processor output as stored in the dataset (``Unit.images``);
+  the shared side is ``SharedPrefixLLaVAModel`` (the converted weights) on the packed rows, every image
+  encoded once per unit;
 
 and prints the max absolute, relative and per-token differences and PASS/FAIL (exit code 1 on FAIL; 2 on
 a usage error). A response agrees when any of these holds: ``|shared - alone| <= --tolerance`` (absolute),
@@ -23,8 +28,16 @@ Weights: ``--model`` a megatron checkpoint (a run dir with ``latest`` or an ``it
 (converted to a temporary checkpoint with the project's converter) loads those real weights; a model
 config (YAML, ``config.json``, an HF folder without weights) gets random weights (seeded, megatron's init
 with ``init_method_std``; the vocabulary is widened to cover the data). ``--tp N`` > 1 relaunches itself under ``torchrun`` with N processes. ``--control``
-breaks the shared side on purpose (stock positions 0..T-1, or responses seeing each other) to show the
+breaks the shared side on purpose (stock positions 0..T-1, responses seeing each other, or ``image``:
+every unit's images given to the next unit that has images, rotated over the checked units) to show the
 check detects it (expect FAIL). On CPU the flex/varlen backends run their forward-only reference paths.
+
+Vision-language models: ``--model`` an HF LLaVA folder (``model_type: llava``) compares with transformers
+itself; a megatron checkpoint of a LLaVA is exported to a temporary HF folder first (in the launching
+process, ``tools/convert_mcore_to_hf.py``'s converter). fp32 tolerance: the text defaults (relative 1e-5
+of the summed log-prob, or 1e-5 per token, or 1e-4 absolute). Measured on the tiny test LLaVA (24 units,
+25 images, 48 responses, summed log-probs up to 126): at most 1.9e-7 relative (1.9e-5 absolute) at TP=1,
+1.4e-7 at TP=2; ``--control mask`` moves them by up to 4e-3 relative and ``--control image`` by 6e-3.
 """
 
 from __future__ import annotations
@@ -34,6 +47,8 @@ import os
 import socket
 import sys
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -60,7 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="float32", choices=sorted(DEFAULT_TOLERANCE))
     ap.add_argument("--pack-tokens", type=int, default=0, help="row length (default: fits the longest unit)")
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--control", default="none", choices=("none", "positions", "mask"))
+    ap.add_argument("--hf-alone", default=None, help=argparse.SUPPRESS)  # set by the --tp relaunch (see main)
+    ap.add_argument("--control", default="none", choices=("none", "positions", "mask", "image"),
+                    help="break the shared side on purpose (expect FAIL): stock positions, responses seeing "
+                         "each other, or images given to the wrong unit")
     args = ap.parse_args(argv)
     if not args.data and args.synthetic <= 0:
         ap.error("give --data DIR or --synthetic N")
@@ -149,6 +167,94 @@ def shared_logps(model, rows, control: str, tp_group):
     return torch.cat(out)
 
 
+def rotate_images(units):
+    """Copies of ``units`` whose images are those of the next unit with images (``--control image``).
+
+    All images of the checked units are rolled by one over the list, then dealt back with each unit's own
+    image count, so every image token reads another unit's picture (when the units hold at least two
+    different images)."""
+    import copy
+
+    import numpy as np
+
+    with_images = [u for u in units if getattr(u, "images", None) is not None and len(u.images)]
+    if not with_images:
+        raise ValueError("--control image: none of the checked units has an image")
+    flat = np.concatenate([u.images for u in with_images])
+    if len(flat) < 2 or all(np.array_equal(flat[0], x) for x in flat[1:]):
+        raise ValueError("--control image: the checked units hold a single distinct image; check more --units")
+    flat = np.roll(flat, 1, axis=0)
+    out, start = [], 0
+    for u in units:
+        if getattr(u, "images", None) is None or not len(u.images):
+            out.append(u)
+            continue
+        v = copy.copy(u)
+        v.images = flat[start : start + len(u.images)]
+        start += len(u.images)
+        out.append(v)
+    return out
+
+
+def hf_alone_logps(hf_model, units):
+    """[R] summed log-prob of every response, each ``[prompt + response]`` run alone through transformers'
+    ``LlavaForConditionalGeneration`` with the unit's images (unit order, response order)."""
+    import torch
+
+    out = []
+    for u in units:
+        p = u.prompt_len
+        images = getattr(u, "images", None)
+        pixel_values = torch.from_numpy(np.asarray(images, dtype="float32")) if images is not None and len(images) else None
+        for i in range(u.k):
+            seq = torch.from_numpy(u.unshared_sequence(i)).long()[None]
+            logits = hf_model(input_ids=seq, pixel_values=pixel_values, attention_mask=torch.ones_like(seq)).logits
+            logp = torch.log_softmax(logits[0].double(), dim=-1)
+            out.append(logp[p - 1 : seq.shape[1] - 1].gather(1, seq[0, p:, None]).sum())
+    return torch.stack(out)
+
+
+def is_hf_llava(model: str | Path) -> bool:
+    """An HF folder whose ``config.json`` says ``model_type: llava``."""
+    import json
+
+    config = Path(model) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "llava"
+
+
+def mcore_llava(model: str | Path) -> Path | None:
+    """The checkpoint dir when ``model`` is one of our megatron checkpoints of a LLaVA, else None."""
+    from megatron_prefix.training.checkpoint import CheckpointManager, resolve
+
+    ckpt = resolve(model) if Path(model).is_dir() else None
+    if ckpt is None:
+        return None
+    return ckpt if (CheckpointManager.read_train_state(ckpt).get("model") or {}).get("vision") else None
+
+
+def export_for_alone(ckpt: Path) -> Path:
+    """Export a megatron LLaVA checkpoint to a temporary HF folder (single process) for the alone side."""
+    import tempfile
+
+    from megatron_prefix.convert import convert_mcore_to_hf
+
+    out = Path(tempfile.mkdtemp(prefix="verify_sharing_hf_"))
+    convert_mcore_to_hf(ckpt, out, progress=False)
+    return out
+
+
+def alone_folder(args, source) -> Path | None:
+    """The HF LLaVA folder of the alone side; None for a text model (megatron's stock GPTModel)."""
+    if source is None or getattr(source.model, "vision", None) is None:
+        return None
+    if args.hf_alone:
+        return Path(args.hf_alone)
+    if is_hf_llava(args.model):
+        return Path(args.model)
+    raise ValueError(f"--model: {args.model} is a vision-language checkpoint; run without torchrun (the tool "
+                     "exports it to HF for the alone side itself)")
+
+
 def judge(shared, alone, num_tokens, args) -> tuple[bool, dict]:
     """PASS when every response agrees by one of the tolerances; also the worst differences."""
     abs_diff = (shared - alone).abs()
@@ -188,6 +294,18 @@ def run(args) -> int:
     if not units:
         say("verify_sharing: no units to check")
         return 2
+    n_images = sum(len(u.images) for u in units if getattr(u, "images", None) is not None)
+    if n_images and getattr(cfg, "vision", None) is None:
+        raise ValueError(f"--data: {args.data} holds images but --model {args.model} is a text model (no vision "
+                         "encoder); give the HF LLaVA folder the dataset was built for")
+    if args.data and getattr(cfg, "vision", None) is not None:
+        from megatron_prefix.data.dataset import PreferenceDataset
+        from megatron_prefix.training.image_checks import check_dataset_images
+
+        check_dataset_images(PreferenceDataset(args.data).meta, cfg.vision, args.data, f"--model {args.model}")
+    if args.control == "image" and getattr(cfg, "vision", None) is None:
+        raise ValueError("--control image: needs a vision-language --model and an image --data")
+    shared_units = rotate_images(units) if args.control == "image" else units
     if source is None and data_vocab > cfg.vocab_size:  # random weights: widen the vocabulary to cover the data
         step = 8 * args.tp
         cfg.vocab_size = -(-data_vocab // step) * step
@@ -197,19 +315,29 @@ def run(args) -> int:
             f"of {args.model}; build the dataset with the model's tokenizer")
         return 2
     pack_tokens = args.pack_tokens or -(-max(u.shared_len for u in units) // 64) * 64
-    rows = pack_greedy(units, pack_tokens, pad_id)
+    rows = pack_greedy(shared_units, pack_tokens, pad_id)
 
     attention = AttentionConfig(backend=args.backend, allow_cpu_reference=not torch.cuda.is_available())
     model = build_model(cfg, attention, dtype=args.dtype).eval()
+    hf_dir = alone_folder(args, source)
     if source is not None:
         load_weights(model, source.path)
         source.cleanup()
-    ref = build_reference_model(cfg, dtype=args.dtype).eval()
-    ref.load_state_dict(model.state_dict())
     tp_group = ps.get_tensor_model_parallel_group()
     with torch.no_grad():
         shared = shared_logps(model, rows, args.control, tp_group).cpu().double()
-        alone = unshared_logps(ref, units, tp_group).cpu().double()
+        if hf_dir is not None:  # a vision-language model: transformers' own LLaVA is the alone side
+            from transformers import LlavaForConditionalGeneration
+
+            hf = LlavaForConditionalGeneration.from_pretrained(str(hf_dir), dtype=getattr(torch, args.dtype),
+                                                               attn_implementation="eager").eval()
+            alone = hf_alone_logps(hf, units).cpu().double()
+            alone_what = f"transformers {type(hf).__name__} ({n_images} images)"
+        else:
+            ref = build_reference_model(cfg, dtype=args.dtype).eval()
+            ref.load_state_dict(model.state_dict())
+            alone = unshared_logps(ref, units, tp_group).cpu().double()
+            alone_what = "megatron GPTModel"
     num_tokens = torch.tensor([len(r) for u in units for r in u.response_ids])
     ok, d = judge(shared, alone, num_tokens, args)
     weights = f"weights {source.path}" if source is not None else "random weights"
@@ -217,7 +345,7 @@ def run(args) -> int:
         f"vocab {cfg.vocab_size}, {weights}) backend={args.backend} tp={args.tp} dtype={args.dtype} "
         f"control={args.control}")
     say(f"  {len(units)} units, {len(alone)} responses ({int(num_tokens.sum())} tokens), {len(rows)} rows x "
-        f"{pack_tokens} tokens; |logp_alone| up to {alone.abs().max():.1f}")
+        f"{pack_tokens} tokens; alone: {alone_what}; |logp_alone| up to {alone.abs().max():.1f}")
     worst = int(d["abs"].argmax())
     say(f"  max |logp_shared - logp_alone| = {d['abs'].max():.3e} (response {worst}: shared {shared[worst]:.6f}, "
         f"alone {alone[worst]:.6f})")
@@ -231,13 +359,22 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.tp > 1 and "WORLD_SIZE" not in os.environ:
-        return _relaunch_under_torchrun(args.tp, argv)
+    temp = None
     try:
+        if "WORLD_SIZE" not in os.environ and not args.hf_alone and (ckpt := mcore_llava(args.model)) is not None:
+            temp = export_for_alone(ckpt)  # a megatron LLaVA: transformers needs an HF folder (one process)
+            argv, args.hf_alone = [*argv, "--hf-alone", str(temp)], str(temp)
+        if args.tp > 1 and "WORLD_SIZE" not in os.environ:
+            return _relaunch_under_torchrun(args.tp, argv)
         return run(args)
     except ValueError as err:
         print(f"verify_sharing: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if temp is not None:
+            import shutil
+
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from megatron_prefix.planning.search import check_fit
 from megatron_prefix.training.config import TrainConfig
 from megatron_prefix.training.exit_codes import EXIT_OK, EXIT_USER_ERROR
 from megatron_prefix.training.failure import fail, user_message
+from megatron_prefix.training.resume import TRAINING_FIELDS
 
 
 def main(argv: list[str], task: str) -> int:
@@ -63,8 +64,11 @@ def parse_config(argv: list[str], task: str) -> TrainConfig:
         errors.append(f"model.params_dtype: a training recipe sets the dtype with train.dtype (auto: bfloat16 on "
                       f"GPU, float32 on CPU); remove model.params_dtype and set train.dtype="
                       f"{data['model']['params_dtype']} instead")
-    if hf:
-        cfg.model = ModelConfig.from_hf_config(hf)
+    if hf:  # the architecture from the HF config; what trains (model.freeze_*) still from the recipe
+        recipe_model, cfg.model = cfg.model, ModelConfig.from_hf_config(hf)
+        for name in TRAINING_FIELDS:
+            if name in explicit and hasattr(cfg.model, name):
+                setattr(cfg.model, name, getattr(recipe_model, name))
     cfg.model_source = hf  # not a dataclass field: where the architecture came from (None: the recipe)
     cfg.model_keys = None if hf else explicit  # not a field: the model keys the recipe set (None: all)
     if not errors:  # the planner refuses a layout that cannot fit (GPU memory, else cluster.gpu_mem_gb)

@@ -38,18 +38,33 @@ CHUNK_ROWS = 32  # rows per DP rank between progress saves
 
 
 def dataset_digest(dataset: PreferenceDataset) -> str:
-    """sha256 of the dataset's meta.json and index arrays' sizes (changes whenever the data does)."""
+    """sha256 of the dataset's meta.json and index arrays' sizes (changes whenever the data does).
+
+    An image dataset's ``meta.json["images"]`` (processor settings: resize, crop, mean/std; pixel
+    shape and dtype; image token id and count) is part of meta.json; the size of ``images.bin`` is
+    added as well."""
     h = hashlib.sha256((dataset.path / "meta.json").read_bytes())
     h.update(str((len(dataset), int(dataset.store.unit_offsets[-1]))).encode())
+    images = dataset.path / "images.bin"
+    if images.is_file():
+        h.update(f"images.bin:{images.stat().st_size}".encode())
     return h.hexdigest()
+
+
+KEY_IGNORED_MODEL_FIELDS = ("freeze_vision", "freeze_projector")  # what trains, not what the reference computes
 
 
 def reference_key(dataset: PreferenceDataset, model: dict, reference: dict, dtype: str) -> dict:
     """The cache key: dataset digest and unit count, model config, reference identity, compute dtype.
 
     ``dtype`` is the dtype the reference forward runs in (``TrainConfig.resolved_dtype``): log-probs of
-    a bf16 forward differ from fp32 ones by far more than DPO's margins, so it is part of the key.
+    a bf16 forward differ from fp32 ones by far more than DPO's margins, so it is part of the key. For a
+    vision-language model everything that changes an image's log-probs is in it: the pixels (the
+    dataset digest: processor settings and images), ``model.vision`` (tower shape, ``feature_layer``,
+    ``select_strategy``, projector, image token id) and the weights (the reference checkpoint);
+    ``model.freeze_*`` are left out (they decide what trains, not what the initial policy computes).
     """
+    model = {k: v for k, v in model.items() if k not in KEY_IGNORED_MODEL_FIELDS}
     return {"dataset": dataset_digest(dataset), "units": len(dataset), "model": model, "reference": reference,
             "dtype": str(dtype)}
 

@@ -7,6 +7,14 @@ instead of being ignored. The error names each field with both values. Fields th
 weights' meaning are not compared: ``vocab_size`` (checked against the dataset separately),
 ``max_position_embeddings``, ``init_method_std``, ``params_dtype`` (a checkpoint loads into another dtype).
 
+What trains is not architecture: ``model.freeze_vision`` / ``model.freeze_projector`` (``TRAINING_FIELDS``)
+are never compared as "another model" and always come from this run's recipe. They do decide which
+parameters the optimizer holds state for, so ``freeze_changes`` lists them when they differ from the
+checkpoint's and a run that would load that optimizer state (a resume, or ``checkpoint.load`` with
+``checkpoint.load_optimizer``) is refused with the way to do it: start a new ``checkpoint.dir`` with
+``checkpoint.load=<the checkpoint> checkpoint.load_optimizer=false`` (the weights are kept, Adam's state
+starts fresh for the new set of trained parameters).
+
 ``model_mismatch`` / ``check_model`` are pure logic; ``start_points`` imports the checkpoint module
 (torch) when called.
 """
@@ -18,7 +26,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-NOT_COMPARED = ("vocab_size", "max_position_embeddings", "init_method_std", "params_dtype")
+TRAINING_FIELDS = ("freeze_vision", "freeze_projector")  # what trains, not what the model is
+NOT_COMPARED = ("vocab_size", "max_position_embeddings", "init_method_std", "params_dtype", *TRAINING_FIELDS)
 
 
 def _normalized(model: dict, fill_head_dim: bool) -> dict:
@@ -63,6 +72,35 @@ def check_model(saved: dict | None, requested: Any, where: str, resume: bool, on
                else "drop those fields from the recipe (the checkpoint decides the architecture) or load a "
                     "matching checkpoint")
         raise ValueError(f"{where} was saved with another model: " + "; ".join(diffs) + f". {how}")
+
+
+def freeze_changes(saved: dict | None, requested: Any) -> list[str]:
+    """``model.freeze_X: the checkpoint trained with A, this run asks B`` for each differing freeze flag
+    (a checkpoint that recorded none: the defaults, vision frozen and projector trained)."""
+    if not saved:
+        return []
+    req = requested if isinstance(requested, dict) else asdict(requested)
+    defaults = {"freeze_vision": True, "freeze_projector": False}
+    out = []
+    for name in TRAINING_FIELDS:
+        if name not in req:
+            continue
+        a, b = bool(saved.get(name, defaults[name])), bool(req[name])
+        if a != b:
+            out.append(f"model.{name}: the checkpoint trained with {a}, this run asks {b}")
+    return out
+
+
+def check_freeze(saved: dict | None, requested: Any, where: str, load_path: Any) -> None:
+    """Refuse loading optimizer state saved for another set of trained parameters (module doc)."""
+    diffs = freeze_changes(saved, requested)
+    if diffs:
+        raise ValueError(
+            f"{where}: " + "; ".join(diffs) + ". Its optimizer state holds only the parameters it trained, "
+            f"so it cannot continue with another set: to change what trains, start a new checkpoint.dir "
+            f"with checkpoint.load={load_path} checkpoint.load_optimizer=false (the weights are kept, the "
+            "optimizer state starts fresh), or keep the flags of the checkpoint"
+        )
 
 
 def start_points(ckpt: Any, load: str | None, log: Callable[[str], None]) -> tuple[Path | None, Path | None]:

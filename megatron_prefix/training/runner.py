@@ -39,7 +39,7 @@ from megatron_prefix.training.metrics import MetricsLogger, console_line
 from megatron_prefix.training.reference import (
     ReferenceCache, checkpoint_fingerprint, key_digest, precompute, reference_key,
 )
-from megatron_prefix.training.resume import start_points
+from megatron_prefix.training.resume import check_freeze, start_points
 from megatron_prefix.training.setup import build_stage, build_trainable, check_loaded_keys, load_state, sharded_state
 from megatron_prefix.training.signals import PreemptedExit, _agree, _Preempted
 from megatron_prefix.training.vocab import resolve_model_config
@@ -154,6 +154,9 @@ class Run:
         without_head = self.cfg.task == "rm" and state_info.get("task", "dpo") != "rm" and not resume
         if without_head and with_optimizer:
             raise ValueError("checkpoint.load_optimizer: set it false to start a reward model from an LM checkpoint")
+        if with_optimizer:  # Adam's state exists only for what the checkpoint trained (model.freeze_*)
+            where = f"checkpoint {path} ({'checkpoint.dir, resumed' if resume else 'checkpoint.load'})"
+            check_freeze(state_info.get("model"), self.model_cfg, where, path)
         same_world = state_info.get("world") == {"tp": self.info.tp_size, "pp": self.info.pp_size,
                                                  "cp": self.info.cp_size, "dp": self.info.dp_size}
         state, info = CheckpointManager.load(
@@ -270,6 +273,9 @@ class Run:
             microbatches=len(mbs),
         )
         rec.update(flops.step_report(self.model_cfg, rows, self.info, elapsed, self.device, self.cuda))
+        if getattr(self.model_cfg, "vision", None) is not None:  # images encoded this step (all DP ranks)
+            rec["images"] = _allsum(sum(flops.row_images(r) for r in rows), self.device) / (
+                self.info.tp_size * self.info.cp_size * self.info.pp_size)
         return rec
 
     def evaluate(self, step: int) -> dict | None:

@@ -73,6 +73,7 @@ def build_stage(cfg: TrainConfig, model_cfg: ModelConfig, cuda: bool, seed_fn) -
     tc = transformer_config(cfg, model_cfg, cuda)
     seed_fn()  # identical initial weights for the policy and an online reference
     model = build_model(model_cfg, cfg.attention, transformer_config=tc)
+    apply_freeze(model, model_cfg)
     if cfg.task == "rm":
         attach_reward_head(model, tc)
     if cuda:
@@ -81,6 +82,20 @@ def build_stage(cfg: TrainConfig, model_cfg: ModelConfig, cuda: bool, seed_fn) -
     # would upcast the last stage's output to fp32, i.e. a full fp32 copy of the vocabulary logits,
     # which megatron_prefix.model.logprobs is written to avoid.
     return model, tc
+
+
+def apply_freeze(model: torch.nn.Module, model_cfg: ModelConfig) -> None:
+    """``model.freeze_vision`` (default true) / ``model.freeze_projector``: the vision tower / projector of
+    a vision-language model keep ``requires_grad=False`` (``model.llava.freeze_vision_parts``, the one
+    rule; the tower's unused layers stay frozen either way), so megatron's DDP gives them no gradient
+    buffer and the optimizer no state: they stay bitwise equal to the loaded weights. ``build_model``
+    applies the same flags; this makes the trainer's choice explicit. Text models: no-op. Called before
+    DDP wraps the model (DDP collects the trainable parameters at construction)."""
+    if getattr(model_cfg, "vision", None) is None:
+        return
+    from megatron_prefix.model.llava import freeze_vision_parts
+
+    freeze_vision_parts(model, model_cfg.freeze_vision, model_cfg.freeze_projector)
 
 
 def build_trainable(cfg: TrainConfig, model_cfg: ModelConfig, cuda: bool, seed_fn) -> Trainable:

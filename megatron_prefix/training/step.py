@@ -211,7 +211,10 @@ def run_schedule(
 
     def forward_step(data_iterator: Iterable[MicroBatch], model_chunk: torch.nn.Module):
         mb = next(data_iterator)
-        out = model_chunk(mb.tokens, mb.position_ids, None, packed_seq_params=mb.params)
+        # MicroBatch.forward adds pixel_values / image_feature_index for image rows (every stage gets
+        # them; the vision encoder runs on the first stage only): the one path of the step, the
+        # reference precompute, the online reference and evaluation
+        out = mb.forward(model_chunk)
         return out, partial(loss_fn, mb)
 
     fb = get_forward_backward_func()

@@ -9,7 +9,10 @@ Run at start and on resume, before any model is built (``resolve_model_config``,
   bounds on GPU, or trained as garbage);
 - ``tokenizer_mismatch``: the tokenizer recorded in the dataset against the one recorded in the
   checkpoint's ``train_state.json`` at save (``tokenizer``): a warning naming both when their content
-  hashes differ (same size, other ids: a silent mismatch the vocabulary check cannot see).
+  hashes differ (same size, other ids: a silent mismatch the vocabulary check cannot see);
+- ``image_checks.check_dataset_images``: an image dataset's ``meta.json["images"]`` against
+  ``model.vision`` (image token id, tokens per image, pixel shape; an image dataset with a text model
+  is refused).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Callable
 
 from megatron_prefix.model.config import ModelConfig, RopeScaling
 from megatron_prefix.training.checkpoint import CheckpointManager, resolve
-from megatron_prefix.training.resume import check_model
+from megatron_prefix.training.image_checks import check_dataset_images
+from megatron_prefix.training.resume import TRAINING_FIELDS, check_model
 
 
 def check_token_ids(dataset, vocab_size: int, model_source: str) -> None:
@@ -51,11 +55,20 @@ def tokenizer_mismatch(dataset, ckpt_tokenizer: dict | None, ckpt_path: str) -> 
 
 
 def _model_fields(saved: dict) -> dict:
-    """The ``ModelConfig`` fields of a checkpoint's recorded model (``train_state.json``'s ``model``)."""
+    """The architecture fields of a checkpoint's recorded model (``train_state.json``'s ``model``) as
+    ``ModelConfig`` values; what trains (``resume.TRAINING_FIELDS``) is left to the recipe."""
+    out = {k: v for k, v in saved.items() if k in ModelConfig.__dataclass_fields__ and k not in TRAINING_FIELDS}
+    if isinstance(out.get("rope_scaling"), dict):
+        out["rope_scaling"] = RopeScaling(**out["rope_scaling"])
+    return out  # a ``vision`` dict becomes a ``VisionConfig`` in ``ModelConfig.__post_init__``
+
+
+def model_config_from_dict(saved: dict) -> ModelConfig:
+    """A ``ModelConfig`` from a recorded model dict (``train_state.json``'s ``model``), sections typed."""
     out = {k: v for k, v in saved.items() if k in ModelConfig.__dataclass_fields__}
     if isinstance(out.get("rope_scaling"), dict):
         out["rope_scaling"] = RopeScaling(**out["rope_scaling"])
-    return out
+    return ModelConfig(**out)
 
 
 def resolve_model_config(cfg, dataset, resume_path: Path | None, latest: Path | None,
@@ -109,4 +122,6 @@ def resolve_model_config(cfg, dataset, resume_path: Path | None, latest: Path | 
     warning = tokenizer_mismatch(dataset, state.get("tokenizer"), str(loaded))
     if warning:
         log(warning)
+    check_dataset_images(dataset.meta, getattr(model_cfg, "vision", None), str(dataset.path),
+                         f"checkpoint {loaded}" if loaded else source)
     return model_cfg

@@ -49,8 +49,9 @@ def is_hf_folder(path: str | Path) -> bool:
 
 
 def _model_config(saved: dict) -> ModelConfig:
-    names = set(ModelConfig.__dataclass_fields__)
-    return ModelConfig(**{k: v for k, v in saved.items() if k in names})
+    from megatron_prefix.training.vocab import model_config_from_dict
+
+    return model_config_from_dict(saved)
 
 
 def open_weights(source: str | Path, tp: int, flag: str = "--ckpt", progress: bool = False) -> WeightSource:
