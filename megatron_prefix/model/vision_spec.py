@@ -148,6 +148,7 @@ def build_vision_modules(vision: VisionConfig, lm: TransformerConfig, impl: str,
         model_subtype="clip",
         vp_stage=vp_stage,
     )
+    vision_model.conv1.to(dtype=vcfg.params_dtype)  # megatron builds it in fp32 (Float16Module casts it there)
     vision_model.post_layernorm = torch.nn.LayerNorm(vision.hidden_size, eps=vision.layer_norm_eps,
                                                      dtype=vcfg.params_dtype)
     pcfg = projector_transformer_config(vision, lm)
