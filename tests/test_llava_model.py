@@ -113,20 +113,34 @@ def _model(work: Path, **overrides):
     return build_model(cfg, "dense", impl="local")
 
 
+def _optimizer_config():
+    from megatron.core.optimizer import OptimizerConfig
+
+    return OptimizerConfig(optimizer="adam", lr=1e-3)
+
+
 @pytest.mark.parametrize("freeze_vision,freeze_projector", [(True, False), (False, False), (True, True),
                                                             (False, True)])
 def test_freeze_flags(parallel, work, freeze_vision, freeze_projector):
-    """model.freeze_vision / freeze_projector decide requires_grad; unused tower parts never train."""
-    from megatron_prefix.model.llava import SharedPrefixLLaVAModel, freeze_vision_parts
+    """model.freeze_vision / freeze_projector decide requires_grad; unused tower parts never train (the
+    unused layers follow the tower's requires_grad but are held fixed: lr 0 in the optimizer)."""
+    from megatron_prefix.model.llava import SharedPrefixLLaVAModel, freeze_vision_parts, held_fixed_parameters
+    from megatron_prefix.training.setup import optimizer_overrides
 
     model = _model(work, freeze_vision=freeze_vision, freeze_projector=freeze_projector)
     assert isinstance(model, SharedPrefixLLaVAModel)
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     unused = {n for n in grads if n.startswith(("vision_model.decoder.layers.2.", "vision_model.post_layernorm."))}
     assert len(unused) == 14  # layer 2 of 3 (feature layer -2) and HF's post_layernorm
+    held = {id(p) for p in held_fixed_parameters(model)}
+    assert {n for n, p in model.named_parameters() if id(p) in held} == (
+        set() if freeze_vision else {n for n in unused if n.startswith("vision_model.decoder.")})
+    assert (optimizer_overrides(model, _optimizer_config()) is None) is freeze_vision
     for name, trainable in grads.items():
-        if name in unused:
+        if name.startswith("vision_model.post_layernorm."):
             assert not trainable, name
+        elif name in unused:
+            assert trainable is not freeze_vision, name
         elif name.startswith("vision_model."):
             assert trainable is not freeze_vision, name
         elif name.startswith("vision_projection."):

@@ -282,3 +282,31 @@ def test_score_tool_gives_transformers_logprobs_on_image_data(llava, tmp_path):
     with torch.no_grad():
         want = _tool().hf_alone_logps(model, units).double()
     assert torch.allclose(ours, want, rtol=1e-5, atol=1e-4), (ours, want)
+
+
+def test_training_the_tower_saves_and_keeps_its_unused_layers(llava):
+    """``model.freeze_vision=false``: the tower trains and checkpoints (its layers after the feature layer,
+    stacked with the others in megatron's checkpoint, stay in the optimizer at lr 0) and the unused layers
+    and ``post_layernorm`` come back unchanged in the HF export."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    hf, mcore, data, work = llava
+    run = work / "tower"
+    th.train(_recipe(work / "tower.yaml", hf, mcore, data, run, train={"max_steps": 2}), ["model.freeze_vision=false"])
+    subprocess.run([sys.executable, str(ROOT / "tools" / "convert_mcore_to_hf.py"), "--ckpt", str(run), "--out",
+                    str(work / "hf_tower"), "--no-progress"], check=True, capture_output=True, cwd=ROOT)
+
+    def tensors(folder: Path) -> dict:
+        return {k: v for f in folder.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+
+    start, now = tensors(hf), tensors(work / "hf_tower")
+    last = json.loads((hf / "config.json").read_text())["vision_config"]["num_hidden_layers"] - 1  # unused at -2
+    unused = [k for k in start if f"encoder.layers.{last}." in k or "post_layernorm" in k]
+    used = [k for k in start if "encoder.layers.0." in k]
+    assert unused and used
+    assert all(torch.equal(start[k], now[k]) for k in unused)
+    assert any(not torch.equal(start[k], now[k]) for k in used)  # the tower trained

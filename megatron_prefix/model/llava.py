@@ -63,12 +63,23 @@ class SharedPrefixLLaVAModel(SharedPrefixGPTModel):
 
     # ------------------------------------------------------------------ vision
 
-    def unused_vision_parameters(self) -> list[torch.nn.Parameter]:
-        """The tower layers after ``feature_layer`` and ``post_layernorm`` (never used; always frozen)."""
+    def unused_vision_layer_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters of the tower layers after ``feature_layer`` (never run, so never changed).
+
+        They stay in the tower's block: megatron saves a block's layers (and their optimizer state) as one
+        stacked tensor, so when the tower trains they are trainable too, in an optimizer group with learning
+        rate and weight decay 0 (``training.setup.optimizer_overrides``); they get no gradient either.
+        """
         if self.vision_model is None:
             return []
         layers = self.vision_model.decoder.layers[self.vision.layers_run:]
-        return [*(p for layer in layers for p in layer.parameters()), *self.vision_model.post_layernorm.parameters()]
+        return [p for layer in layers for p in layer.parameters()]
+
+    def unused_vision_parameters(self) -> list[torch.nn.Parameter]:
+        """The unused tower layers and HF's ``post_layernorm`` (kept only so that every HF tensor round-trips)."""
+        if self.vision_model is None:
+            return []
+        return [*self.unused_vision_layer_parameters(), *self.vision_model.post_layernorm.parameters()]
 
     def vision_hidden(self, pixel_values: Tensor) -> Tensor:
         """``hidden_states[feature_layer]`` of the tower: [N, S, hv] (S = patches + 1 class token)."""
@@ -176,9 +187,10 @@ def merge_image_features(emb_sbh: Tensor, feats_nh: Tensor, image_feature_index:
 
 def freeze_vision_parts(model: torch.nn.Module, freeze_vision: bool, freeze_projector: bool) -> dict[str, int]:
     """``requires_grad`` of the vision side: the tower unless ``freeze_vision`` is False, the projector
-    when ``freeze_projector``; the unused tower layers and ``post_layernorm`` always frozen. Accepts a
-    wrapped model (``.module`` chain); a text model or a later pipeline stage is left alone. Returns
-    the number of trainable / frozen vision parameters (elements)."""
+    when ``freeze_projector``; ``post_layernorm`` always frozen, the unused tower layers follow the tower
+    (held fixed in the optimizer, see ``unused_vision_layer_parameters``). Accepts a wrapped model
+    (``.module`` chain); a text model or a later pipeline stage is left alone. Returns the number of
+    trainable / frozen vision parameters (elements; the unused layers count as frozen)."""
     core = model
     while not isinstance(core, SharedPrefixLLaVAModel) and hasattr(core, "module"):
         core = core.module
@@ -186,10 +198,22 @@ def freeze_vision_parts(model: torch.nn.Module, freeze_vision: bool, freeze_proj
         return {"trainable": 0, "frozen": 0}
     for p in core.vision_model.parameters():
         p.requires_grad_(not freeze_vision)
-    for p in core.unused_vision_parameters():
+    for p in core.vision_model.post_layernorm.parameters():
         p.requires_grad_(False)
     for p in core.vision_projection.parameters():
         p.requires_grad_(not freeze_projector)
+    fixed = {id(p) for p in core.unused_vision_parameters()}
     params = [*core.vision_model.parameters(), *core.vision_projection.parameters()]
-    return {"trainable": sum(p.numel() for p in params if p.requires_grad),
-            "frozen": sum(p.numel() for p in params if not p.requires_grad)}
+    trains = [p.requires_grad and id(p) not in fixed for p in params]
+    return {"trainable": sum(p.numel() for p, t in zip(params, trains) if t),
+            "frozen": sum(p.numel() for p, t in zip(params, trains) if not t)}
+
+
+def held_fixed_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Trainable parameters that must never change (the unused tower layers of a trained tower)."""
+    core = model
+    while not isinstance(core, SharedPrefixLLaVAModel) and hasattr(core, "module"):
+        core = core.module
+    if not isinstance(core, SharedPrefixLLaVAModel):
+        return []
+    return [p for p in core.unused_vision_layer_parameters() if p.requires_grad]

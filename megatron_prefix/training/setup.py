@@ -13,11 +13,13 @@ from dataclasses import dataclass, replace
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
-from megatron.core.optimizer import get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer import get_megatron_optimizer, get_standard_config_overrides
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 from megatron.core.utils import unwrap_model
 
 from megatron_prefix.model.config import ModelConfig
+from megatron_prefix.model.llava import held_fixed_parameters
 from megatron_prefix.model.spec import build_model
 from megatron_prefix.training.checkpoint import EXTRA_STATE
 from megatron_prefix.training.config import TrainConfig
@@ -98,6 +100,20 @@ def apply_freeze(model: torch.nn.Module, model_cfg: ModelConfig) -> None:
     freeze_vision_parts(model, model_cfg.freeze_vision, model_cfg.freeze_projector)
 
 
+def optimizer_overrides(model: torch.nn.Module, config: MegatronOptimizerConfig) -> dict | None:
+    """megatron's standard parameter groups, plus one with learning rate and weight decay 0 for the
+    trainable parameters that must not change (``model.llava.held_fixed_parameters``: the tower layers
+    after the feature layer, kept in the optimizer because megatron checkpoints a block's layers as one
+    stacked tensor). None (megatron's default groups, unchanged) when there are none."""
+    fixed = {id(p) for p in held_fixed_parameters(model)}
+    if not fixed:
+        return None
+    overrides = get_standard_config_overrides(config)
+    held = ParamKey(predicate=ParamPredicate(name="megatron_prefix_held_fixed", fn=lambda p: id(p) in fixed))
+    overrides[held] = ParamGroupOverride(max_lr=0.0, min_lr=0.0, wd_mult=0.0)
+    return overrides
+
+
 def build_trainable(cfg: TrainConfig, model_cfg: ModelConfig, cuda: bool, seed_fn) -> Trainable:
     """Policy stage + DDP + megatron optimizer + LR schedule, wired like megatron's own trainer."""
     model, tc = build_stage(cfg, model_cfg, cuda, seed_fn)
@@ -111,8 +127,7 @@ def build_trainable(cfg: TrainConfig, model_cfg: ModelConfig, cuda: bool, seed_f
         module=model,
     )
     o = cfg.optimizer
-    optimizer = get_megatron_optimizer(
-        MegatronOptimizerConfig(
+    moc = MegatronOptimizerConfig(
             optimizer="adam",
             lr=o.lr,
             min_lr=o.min_lr,
@@ -124,9 +139,8 @@ def build_trainable(cfg: TrainConfig, model_cfg: ModelConfig, cuda: bool, seed_f
             bf16=tc.bf16,
             params_dtype=tc.params_dtype,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        ),
-        [ddp],
     )
+    optimizer = get_megatron_optimizer(moc, [ddp], config_overrides=optimizer_overrides(model, moc))
     s = cfg.schedule
     steps = cfg.train.max_steps
     scheduler = OptimizerParamScheduler(
