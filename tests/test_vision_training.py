@@ -310,3 +310,14 @@ def test_training_the_tower_saves_and_keeps_its_unused_layers(llava):
     assert unused and used
     assert all(torch.equal(start[k], now[k]) for k in unused)
     assert any(not torch.equal(start[k], now[k]) for k in used)  # the tower trained
+
+
+def test_verify_sharing_removes_its_conversion_on_an_error(llava, tmp_path, monkeypatch):
+    """An error after the HF folder was converted leaves no temporary checkpoint behind."""
+    import tempfile
+
+    hf, _, data, _ = llava
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    rc = _tool().main(["--model", str(hf), "--data", str(data), "--units", "2", "--pack-tokens", "8"])
+    assert rc == 2
+    assert not list(tmp_path.glob("megatron_prefix_weights_*"))
