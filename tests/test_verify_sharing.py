@@ -81,3 +81,10 @@ def test_control_image_needs_a_vision_model(capsys):
     tool = _tool()
     assert tool.main(["--model", TINY, "--synthetic", "4", "--control", "image"]) == 2
     assert "--control image: needs a vision-language --model" in capsys.readouterr().err
+
+
+def test_tp_the_model_cannot_split_is_refused_before_relaunching(capsys):
+    """``--tp 3`` on a model with 2 key/value heads: one clear error and exit 2, no torchrun."""
+    assert _tool().main(["--model", TINY, "--synthetic", "2", "--tp", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("--tp 3: model.num_query_groups") == 1

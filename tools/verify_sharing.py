@@ -112,6 +112,23 @@ def _relaunch_under_torchrun(tp: int, argv: list[str]) -> int:
     return subprocess.run(cmd, env=env, check=False).returncode
 
 
+def check_tp(args) -> None:
+    """Refuse a ``--tp`` the model's shape cannot split (``ValueError`` naming the field), before relaunching.
+
+    Only where the config reads without weights (a YAML, an HF folder); a megatron checkpoint is checked
+    by every rank after the relaunch."""
+    from megatron_prefix.model.config import ModelConfig
+
+    try:
+        cfg = ModelConfig.load(args.model)
+    except (ValueError, OSError, KeyError, TypeError):
+        return
+    try:
+        cfg.validate(tp=args.tp)
+    except ValueError as err:
+        raise ValueError(f"--tp {args.tp}: {err}") from err
+
+
 def load_units(args, vocab_size: int):
     """(units, pad_id, vocab needed) from --data or --synthetic."""
     import numpy as np
@@ -394,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             temp = export_for_alone(ckpt)  # a megatron LLaVA: transformers needs an HF folder (one process)
             argv, args.hf_alone = [*argv, "--hf-alone", str(temp)], str(temp)
         if args.tp > 1 and "WORLD_SIZE" not in os.environ:
+            check_tp(args)  # once, here, rather than once per rank under torchrun
             return _relaunch_under_torchrun(args.tp, argv)
         return run(args)
     except ValueError as err:
