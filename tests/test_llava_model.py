@@ -284,3 +284,21 @@ def test_shared_rows_logps_match_hf(parallel, work):
     print(f"LOGP shared max_abs {diff:.3e} max_rel {float(((got - want).abs() / want.abs()).max()):.3e} "
           f"|logp| {float(want.abs().min()):.1f}..{float(want.abs().max()):.1f} CONTROL {controls}")
     assert diff <= LOGP_TOL and min(controls.values()) > 100 * LOGP_TOL
+
+
+def test_bf16_model_runs_its_tower(parallel, work):
+    """Built in bfloat16 (the trainer's GPU path: no Float16Module), the tower computes in bf16 (megatron
+    builds ``CLIPViTModel.conv1`` in fp32: the first layer then failed on mixed dtypes) and close to fp32."""
+    from megatron_prefix.model.config import ModelConfig
+    from megatron_prefix.model.spec import build_model
+
+    cfg = ModelConfig.from_hf_config(hf_folder(work, "default"))
+    model = build_model(cfg, "dense", dtype="bfloat16").eval()
+    assert model.vision_model.conv1.weight.dtype == torch.bfloat16
+    norms = ("layernorm.", "ln_pre.")  # the project's norms keep fp32 weights (as for text)
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if not any(x in n for x in norms))
+    pixels = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
+    with torch.no_grad():
+        feats = model.image_features(pixels.bfloat16())
+    assert feats.dtype == torch.bfloat16 and feats.shape[0] == 2 * cfg.vision.tokens_per_image
+    assert torch.isfinite(feats.float()).all()
