@@ -238,12 +238,12 @@ def test_cpu_accommodation_for_clip_vit(parallel, work, monkeypatch):
 def test_shared_rows_logps_match_hf(parallel, work):
     """Two units with images, K=2 each, packed shared into one row: every response's summed log-prob
     equals LlavaForConditionalGeneration on [prompt with its images + that response] alone (max 4e-6
-    nats on |logp| 18-68). Controls: one unit's two images swapped, and unit 0's image given to unit 1,
+    nats on |logp| 18-68), as does the unshared (duplicated) layout's row. Controls: one unit's two images swapped, and unit 0's image given to unit 1,
     are off by 0.08 / 0.15 nats."""
     import numpy as np
     from transformers import LlavaForConditionalGeneration
 
-    from megatron_prefix.data.row import pack_row
+    from megatron_prefix.data.row import layout_docs, pack_row
     from megatron_prefix.data.unit import Unit
     from megatron_prefix.model.batch import MicroBatch
     from megatron_prefix.model.logprobs import response_logprobs
@@ -273,8 +273,13 @@ def test_shared_rows_logps_match_hf(parallel, work):
     row = pack_row(units, -(-sum(u.shared_len for u in units) // 8) * 8 + 8, pad_id=0)
     mb = MicroBatch.from_rows([row])
     assert mb.pixel_values.shape[0] == 3 and int((mb.image_feature_index >= 0).sum()) == 12
+    docs = layout_docs(units, "unshared")  # [prompt, r_i] each with its own copy of the images
+    alone_row = pack_row(docs, -(-sum(d.shared_len for d in docs) // 8) * 8 + 8, pad_id=0)
+    mb_alone = MicroBatch.from_rows([alone_row])
+    assert mb_alone.pixel_values.shape[0] == 6  # the images encoded once per response
     with torch.no_grad():
         got = response_logprobs(mb.forward(model), mb.index).logps
+        got_unshared = response_logprobs(mb_alone.forward(model), mb_alone.index).logps
         controls = {}
         for name, order in (("swapped", [1, 0, 2]), ("wrong_unit", [0, 1, 0])):  # unit 1 gets unit 0's image
             mb.pixel_values = pixels = MicroBatch.from_rows([row]).pixel_values[order]
@@ -284,11 +289,12 @@ def test_shared_rows_logps_match_hf(parallel, work):
     print(f"LOGP shared max_abs {diff:.3e} max_rel {float(((got - want).abs() / want.abs()).max()):.3e} "
           f"|logp| {float(want.abs().min()):.1f}..{float(want.abs().max()):.1f} CONTROL {controls}")
     assert diff <= LOGP_TOL and min(controls.values()) > 100 * LOGP_TOL
+    assert float((got_unshared - want).abs().max()) <= LOGP_TOL  # the duplicated layout gives the same values
 
 
 def test_bf16_model_runs_its_tower(parallel, work):
     """Built in bfloat16 (the trainer's GPU path: no Float16Module), the tower computes in bf16 (megatron
-    builds ``CLIPViTModel.conv1`` in fp32: the first layer then failed on mixed dtypes) and close to fp32."""
+    builds ``CLIPViTModel.conv1`` in fp32: the first layer then failed on mixed dtypes) and gives finite features."""
     from megatron_prefix.model.config import ModelConfig
     from megatron_prefix.model.spec import build_model
 

@@ -88,3 +88,14 @@ def test_tp_the_model_cannot_split_is_refused_before_relaunching(capsys):
     assert _tool().main(["--model", TINY, "--synthetic", "2", "--tp", "3"]) == 2
     err = capsys.readouterr().err
     assert err.count("--tp 3: model.num_query_groups") == 1
+
+
+def test_llava_without_transformers_is_a_clear_error(monkeypatch):
+    """The LLaVA alone side needs transformers (an extra): without it, one line saying how to get it."""
+    import importlib.util
+
+    tool = _tool()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    with pytest.raises(ValueError, match=r"pip install 'megatron_prefix\[vision\]'"):
+        tool.require_transformers()

@@ -112,6 +112,15 @@ def _relaunch_under_torchrun(tp: int, argv: list[str]) -> int:
     return subprocess.run(cmd, env=env, check=False).returncode
 
 
+def require_transformers() -> None:
+    """A LLaVA's alone side is transformers' own ``LlavaForConditionalGeneration``: refuse clearly without it."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise ValueError("--model is a LLaVA: its alone side runs transformers' LlavaForConditionalGeneration, "
+                         "and transformers is not installed; pip install 'megatron_prefix[vision]' (or transformers)")
+
+
 def check_tp(args) -> None:
     """Refuse a ``--tp`` the model's shape cannot split (``ValueError`` naming the field), before relaunching.
 
@@ -407,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     temp = None
     try:
+        if is_hf_llava(args.model) or mcore_llava(args.model) is not None:
+            require_transformers()
         if "WORLD_SIZE" not in os.environ and not args.hf_alone and (ckpt := mcore_llava(args.model)) is not None:
             temp = export_for_alone(ckpt)  # a megatron LLaVA: transformers needs an HF folder (one process)
             argv, args.hf_alone = [*argv, "--hf-alone", str(temp)], str(temp)
