@@ -52,9 +52,16 @@ import socket
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_prefix.model.llava_alone import (  # the LLaVA side of the check
+    export_for_alone,
+    hf_alone_logps,
+    is_hf_llava,
+    mcore_llava,
+    require_transformers,
+    rotate_images,
+)
 
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.05}
 DEFAULT_RTOL = {"float32": 1e-5, "bfloat16": 2e-4, "float16": 1e-4}
@@ -110,15 +117,6 @@ def _relaunch_under_torchrun(tp: int, argv: list[str]) -> int:
            "--master-addr=127.0.0.1", f"--master-port={port}", str(Path(__file__).resolve()), *argv]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     return subprocess.run(cmd, env=env, check=False).returncode
-
-
-def require_transformers() -> None:
-    """A LLaVA's alone side is transformers' own ``LlavaForConditionalGeneration``: refuse clearly without it."""
-    import importlib.util
-
-    if importlib.util.find_spec("transformers") is None:
-        raise ValueError("--model is a LLaVA: its alone side runs transformers' LlavaForConditionalGeneration, "
-                         "and transformers is not installed; pip install 'megatron_prefix[vision]' (or transformers)")
 
 
 def check_tp(args) -> None:
@@ -195,82 +193,6 @@ def shared_logps(model, rows, control: str, tp_group):
         logits_sbv = mb.forward(model)
         out.append(response_logprobs(logits_sbv, mb.index, tp_group=tp_group).logps)
     return torch.cat(out)
-
-
-def rotate_images(units):
-    """Copies of ``units`` whose images are those of the next unit with images (``--control image``).
-
-    All images of the checked units are rolled by one over the list, then dealt back with each unit's own
-    image count, so every image token reads another unit's picture (when the units hold at least two
-    different images)."""
-    import copy
-
-    import numpy as np
-
-    with_images = [u for u in units if getattr(u, "images", None) is not None and len(u.images)]
-    if not with_images:
-        raise ValueError("--control image: none of the checked units has an image")
-    flat = np.concatenate([u.images for u in with_images])
-    if len(flat) < 2 or all(np.array_equal(flat[0], x) for x in flat[1:]):
-        raise ValueError("--control image: the checked units hold a single distinct image; check more --units")
-    flat = np.roll(flat, 1, axis=0)
-    out, start = [], 0
-    for u in units:
-        if getattr(u, "images", None) is None or not len(u.images):
-            out.append(u)
-            continue
-        v = copy.copy(u)
-        v.images = flat[start : start + len(u.images)]
-        start += len(u.images)
-        out.append(v)
-    return out
-
-
-def hf_alone_logps(hf_model, units):
-    """[R] summed log-prob of every response, each ``[prompt + response]`` run alone through transformers'
-    ``LlavaForConditionalGeneration`` with the unit's images (unit order, response order)."""
-    import torch
-
-    out = []
-    for u in units:
-        p = u.prompt_len
-        images = getattr(u, "images", None)
-        pixel_values = torch.from_numpy(np.asarray(images, dtype="float32")) if images is not None and len(images) else None
-        for i in range(u.k):
-            seq = torch.from_numpy(u.unshared_sequence(i)).long()[None]
-            logits = hf_model(input_ids=seq, pixel_values=pixel_values, attention_mask=torch.ones_like(seq)).logits
-            logp = torch.log_softmax(logits[0].double(), dim=-1)
-            out.append(logp[p - 1 : seq.shape[1] - 1].gather(1, seq[0, p:, None]).sum())
-    return torch.stack(out)
-
-
-def is_hf_llava(model: str | Path) -> bool:
-    """An HF folder whose ``config.json`` says ``model_type: llava``."""
-    import json
-
-    config = Path(model) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == "llava"
-
-
-def mcore_llava(model: str | Path) -> Path | None:
-    """The checkpoint dir when ``model`` is one of our megatron checkpoints of a LLaVA, else None."""
-    from megatron_prefix.training.checkpoint import CheckpointManager, resolve
-
-    ckpt = resolve(model) if Path(model).is_dir() else None
-    if ckpt is None:
-        return None
-    return ckpt if (CheckpointManager.read_train_state(ckpt).get("model") or {}).get("vision") else None
-
-
-def export_for_alone(ckpt: Path) -> Path:
-    """Export a megatron LLaVA checkpoint to a temporary HF folder (single process) for the alone side."""
-    import tempfile
-
-    from megatron_prefix.convert import convert_mcore_to_hf
-
-    out = Path(tempfile.mkdtemp(prefix="verify_sharing_hf_"))
-    convert_mcore_to_hf(ckpt, out, progress=False)
-    return out
 
 
 def alone_folder(args, source) -> Path | None:
